@@ -1,0 +1,210 @@
+"""The Philox Gaussian stream (``randn``) and zero-order search neighbours (``zo_neighbors``).
+
+The stream (see ``csrc/common/philox.h``): normal ``z_j`` under a 64-bit ``seed`` comes from Philox4x32-10
+block ``j // 4`` (counter ``(lo32, hi32, 0, 0)``, key ``(lo32(seed), hi32(seed))``), lane ``j % 4``, through
+``u(r) = ((r >> 8) + 0.5) 2^-24`` and Box-Muller on lane pairs (0, 1) and (2, 3).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fastsearch.ops._common import (
+    Op,
+    check_sample,
+    lib,
+    register_fake,
+    seed_arg,
+)
+
+_MASK32 = 0xFFFFFFFF
+_ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
+_KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85
+
+lib.define("randn_fill_(Tensor(a!) out, int seed, int offset) -> ()")
+lib.define("zo_neighbors(Tensor pivot, int num_neighbors, float cos_sim, int seed) -> Tensor")
+
+
+# -- reference ---------------------------------------------------------------------------------------
+
+
+def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """High and low 32 bits of ``a * b`` for a 32-bit constant ``a`` and int64 tensor ``b`` < 2^32.
+
+    int64 holds no 64-bit unsigned product, so ``b`` is split in 16-bit halves.
+    """
+    low_part = a * (b & 0xFFFF)
+    high_part = a * (b >> 16)
+    partial = low_part + ((high_part & 0xFFFF) << 16)
+    return ((high_part >> 16) + (partial >> 32)) & _MASK32, partial & _MASK32
+
+
+def philox4x32_10(c0, c1, c2, c3, k0: int, k1: int) -> torch.Tensor:
+    """Ten Philox4x32 rounds on int64 tensors holding uint32 counter words, key ``(k0, k1)``: [n, 4]."""
+    for _ in range(10):
+        hi_b, lo_b = _mulhilo(_ROUND_B, c2)
+        hi_a, lo_a = _mulhilo(_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0, k1 = (k0 + _KEY_A) & _MASK32, (k1 + _KEY_B) & _MASK32
+    return torch.stack([c0, c1, c2, c3], dim=-1)
+
+
+def _box_muller(r_radius: torch.Tensor, r_angle: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    u_radius = ((r_radius >> 8).float() + 0.5) * 2.0**-24
+    u_angle = ((r_angle >> 8).float() + 0.5) * 2.0**-24
+    radius = torch.sqrt(-2.0 * torch.log(u_radius))
+    angle = u_angle * torch.tensor(2.0 * math.pi, dtype=torch.float32)
+    return radius * torch.cos(angle), radius * torch.sin(angle)
+
+
+def randn_reference(numel: int, seed: int, offset: int = 0, device=None) -> torch.Tensor:
+    """Stream normals ``z_offset ... z_(offset + numel - 1)`` as a flat fp32 tensor (pure PyTorch)."""
+    first, last = offset // 4, (offset + numel + 3) // 4
+    counter = torch.arange(first, last, dtype=torch.int64, device=device)
+    zero = torch.zeros_like(counter)
+    blocks = philox4x32_10(counter & _MASK32, (counter >> 32) & _MASK32, zero, zero, seed & _MASK32,
+                           (seed >> 32) & _MASK32)
+    z0, z1 = _box_muller(blocks[:, 0], blocks[:, 1])
+    z2, z3 = _box_muller(blocks[:, 2], blocks[:, 3])
+    stream = torch.stack([z0, z1, z2, z3], dim=-1).reshape(-1)
+    start = offset - 4 * first
+    return stream[start:start + numel]
+
+
+def _randn_fill_reference(out: torch.Tensor, seed: int, offset: int) -> None:
+    out.copy_(randn_reference(out.numel(), seed, offset, out.device).view(out.shape))
+
+
+def _zo_neighbors_reference(pivot: torch.Tensor, num_neighbors: int, cos_sim: float, seed: int) -> torch.Tensor:
+    batch = pivot.shape[0]
+    x = pivot.float().reshape(batch, 1, -1)
+    dim = x.shape[-1]
+    g = randn_reference(batch * num_neighbors * dim, seed, 0, pivot.device).view(batch, num_neighbors, dim)
+    xx = (x * x).sum(-1, keepdim=True)
+    gx = (g * x).sum(-1, keepdim=True)
+    gg = (g * g).sum(-1, keepdim=True)
+    safe_xx = torch.where(xx > 0, xx, torch.ones_like(xx))
+    orth_norm = torch.sqrt(torch.clamp(gg - gx * gx / safe_xx, min=1e-30))
+    beta = math.sqrt(max(1.0 - cos_sim * cos_sim, 0.0)) * torch.sqrt(xx) / orth_norm
+    alpha = cos_sim - beta * gx / safe_xx
+    out = torch.where(xx > 0, alpha * x + beta * g, torch.zeros_like(g))
+    return out.reshape((batch, num_neighbors) + tuple(pivot.shape[1:])).to(pivot.dtype)
+
+
+# -- checks ------------------------------------------------------------------------------------------
+
+
+def _check_randn_fill(out: torch.Tensor, seed: int, offset: int) -> None:
+    check_sample(out, "out")
+    if not out.is_contiguous():
+        raise ValueError("out must be contiguous")
+    if offset < 0:
+        raise ValueError(f"offset must be non-negative, got {offset}")
+
+
+def _check_zo_neighbors(pivot: torch.Tensor, num_neighbors: int, cos_sim: float, seed: int) -> None:
+    check_sample(pivot, "pivot")
+    if num_neighbors < 1:
+        raise ValueError(f"num_neighbors must be at least 1, got {num_neighbors}")
+    if not -1.0 <= cos_sim <= 1.0:
+        raise ValueError(f"cos_sim must be in [-1, 1], got {cos_sim}")
+
+
+# -- Triton ops and fakes ------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastsearch::randn_fill_triton_", mutates_args=("out",))
+def _randn_fill_triton(out: torch.Tensor, seed: int, offset: int) -> None:
+    from fastsearch.kernels import noise as kernels
+
+    kernels.randn_fill_(out, seed, offset)
+
+
+@torch.library.custom_op("fastsearch::zo_neighbors_triton", mutates_args=())
+def _zo_neighbors_triton(pivot: torch.Tensor, num_neighbors: int, cos_sim: float, seed: int) -> torch.Tensor:
+    from fastsearch.kernels import noise as kernels
+
+    return kernels.zo_neighbors(pivot, num_neighbors, cos_sim, seed)
+
+
+def _randn_fill_fake(out, seed, offset):
+    return None
+
+
+def _zo_neighbors_fake(pivot, num_neighbors, cos_sim, seed):
+    return pivot.new_empty((pivot.shape[0], num_neighbors) + tuple(pivot.shape[1:]))
+
+
+register_fake(["randn_fill_", "randn_fill_triton_"], _randn_fill_fake)
+register_fake(["zo_neighbors", "zo_neighbors_triton"], _zo_neighbors_fake)
+
+RANDN_FILL = Op("randn_fill_", _randn_fill_triton, _check_randn_fill, _randn_fill_reference)
+ZO_NEIGHBORS = Op("zo_neighbors", _zo_neighbors_triton, _check_zo_neighbors, _zo_neighbors_reference)
+
+
+# -- public functions ----------------------------------------------------------------------------------
+
+
+def randn(shape, *, seed: int, offset: int = 0, device=None, dtype: torch.dtype = torch.float32,
+          backend: str = "auto") -> torch.Tensor:
+    """Standard normal samples from fastsearch's counter-based Philox stream.
+
+    The same ``(seed, offset)`` gives the same numbers (to 1e-5) on every backend and device, and they
+    are the numbers the step kernels draw in-kernel when given ``seed=``: for a sample of shape ``S``,
+    ``ddim_step(..., seed=s)`` equals ``ddim_step(..., noise=randn(S, seed=s))``.
+
+    Args:
+        shape: output shape (a sequence of ints or ``torch.Size``).
+        seed: int in [0, 2**63): the stream's key.
+        offset: index of the first normal in the stream (element ``i`` is normal ``offset + i``).
+        device, dtype: of the output (float32, float16 or bfloat16).
+        backend: ``"auto"``, ``"torch"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
+
+    Returns:
+        Tensor of ``shape``.
+
+    Example:
+        >>> a = fastsearch.randn((2, 3), seed=7)
+        >>> b = fastsearch.randn((6,), seed=7)
+        >>> torch.equal(a.flatten(), b)
+        True
+    """
+    seed = seed_arg(seed)
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        raise ValueError(f"offset must be a non-negative int, got {offset!r}")
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    out = torch.empty(shape, dtype=dtype, device=device)
+    RANDN_FILL.run(backend, out.device, out, seed, offset)
+    return out
+
+
+def zo_neighbors(pivot: torch.Tensor, num_neighbors: int, *, cos_sim: float = 0.95, seed: int,
+                 backend: str = "auto") -> torch.Tensor:
+    """Zero-order search neighbours of each pivot: same norm, cosine ``cos_sim`` with the pivot.
+
+    For pivot ``x`` (one sample, flattened) with ``u = x / |x|`` and ``w`` a random unit vector orthogonal
+    to ``u`` (a stream Gaussian with its ``u`` component removed), a neighbour is
+    ``|x| (cos_sim u + sqrt(1 - cos_sim^2) w)``. A zero pivot has zero neighbours.
+
+    Args:
+        pivot: [B, ...] float32 / float16 / bfloat16.
+        num_neighbors: K >= 1 neighbours per pivot.
+        cos_sim: cosine similarity with the pivot, in [-1, 1].
+        seed: int; the Gaussians are ``randn([B, K, numel / B], seed=seed)``.
+
+    Returns:
+        [B, K, ...] with the pivot's dtype.
+
+    Example:
+        >>> x = torch.randn(4, 3, 8, 8)
+        >>> nbrs = fastsearch.zo_neighbors(x, 5, seed=0)   # [4, 5, 3, 8, 8]
+    """
+    if isinstance(num_neighbors, bool) or not isinstance(num_neighbors, int):
+        raise TypeError(f"num_neighbors must be an int, got {type(num_neighbors).__name__}")
+    if not isinstance(pivot, torch.Tensor):
+        raise TypeError(f"pivot must be a tensor, got {type(pivot).__name__}")
+    seed = seed_arg(seed)
+    return ZO_NEIGHBORS.run(backend, pivot.device, pivot, num_neighbors, float(cos_sim), seed)
