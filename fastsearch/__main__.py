@@ -1,0 +1,5 @@
+import sys
+
+from fastsearch.cli import main
+
+sys.exit(main())

@@ -1,0 +1,268 @@
+"""Side-by-side timings of fastsearch ops against what a user would otherwise run.
+
+Every case times, in one process and one run, the fastsearch backends available here and the
+baselines: diffusers' scheduler step (where one exists), eager PyTorch, and ``torch.compile`` of the
+eager code. Medians come from ``torch.utils.benchmark.Timer.blocked_autorange`` (which synchronises
+CUDA). Bandwidth counts the bytes an ideal fused kernel must move; ``copy_frac`` divides it by the copy
+bandwidth measured on the same device at the same size.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import os
+import platform
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.utils.benchmark as torch_benchmark
+
+import fastsearch
+from fastsearch import _backend
+from fastsearch.ops import steps as step_ops
+
+CSV_FIELDS = ["date", "device", "op", "case", "shape", "dtype", "impl", "median_us", "gb_per_s", "copy_frac",
+              "speedup_vs_diffusers", "speedup_vs_eager", "speedup_vs_compile", "torch", "fastsearch"]
+
+
+@dataclass
+class Case:
+    op: str
+    case: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    bytes_moved: int
+    impls: dict[str, Callable[[], object]] = field(default_factory=dict)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device).replace(" ", "-")
+    return f"cpu-{platform.machine()}-{os.cpu_count()}cores"
+
+
+def median_us(fn: Callable[[], object], min_run_time: float) -> float:
+    fn()  # warm up (compiles, caches)
+    timer = torch_benchmark.Timer(stmt="fn()", globals={"fn": fn})
+    return timer.blocked_autorange(min_run_time=min_run_time).median * 1e6
+
+
+def _fastsearch_backends(device: torch.device) -> list[str]:
+    names = []
+    if device.type == "cpu":
+        if _backend.has_cpu():
+            names.append("cpu")
+    else:
+        if _backend.has_cuda():
+            names.append("cuda")
+        if _backend.has_triton("cuda"):
+            names.append("triton")
+    return names
+
+
+def _compiled(fn):
+    try:
+        return torch.compile(fn, dynamic=False)
+    except Exception:  # noqa: BLE001 - a baseline that cannot compile is left out, not fatal
+        return None
+
+
+def _ddim_cases(shape, dtype, device) -> list[Case]:
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler(clip_sample=False)
+    scheduler.set_timesteps(50)
+    t = int(scheduler.timesteps[10])
+    alpha = float(scheduler.alphas_cumprod[t])
+    alpha_prev = float(scheduler.alphas_cumprod[t - scheduler.config.num_train_timesteps // 50])
+    x = torch.randn(shape, dtype=dtype, device=device)
+    eps = torch.randn(shape, dtype=dtype, device=device)
+    nbytes = x.numel() * x.element_size()
+    cases = []
+    for eta in (0.0, 1.0):
+        case = Case("ddim_step", f"eta={eta:g}" + (" seed" if eta else ""), shape, dtype, 4 * nbytes)
+
+        def eager(eta=eta):
+            noise = torch.randn_like(x) if eta > 0 else None
+            return step_ops._ddim_step_reference(x, eps, None, alpha, None, alpha_prev, eta, noise, None, 0, None,
+                                                 False)
+
+        for name in _fastsearch_backends(device):
+            case.impls[f"fastsearch-{name}"] = (
+                lambda name=name, eta=eta: fastsearch.ddim_step(x, eps, alpha, alpha_prev, eta=eta,
+                                                                seed=1 if eta else None, backend=name))
+        case.impls["diffusers"] = lambda eta=eta: scheduler.step(eps, t, x, eta=eta, return_dict=False)
+        case.impls["eager"] = eager
+        compiled = _compiled(eager)
+        if compiled is not None:
+            case.impls["compile"] = compiled
+        cases.append(case)
+    return cases
+
+
+def _flow_cases(shape, dtype, device) -> list[Case]:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler()
+    scheduler.set_timesteps(50)
+    t = scheduler.timesteps[10]
+    sigma, sigma_next = float(scheduler.sigmas[10]), float(scheduler.sigmas[11])
+    x = torch.randn(shape, dtype=dtype, device=device)
+    v = torch.randn(shape, dtype=dtype, device=device)
+    nbytes = x.numel() * x.element_size()
+    case = Case("flow_euler_step", "euler", shape, dtype, 3 * nbytes)
+
+    def diffusers_step():
+        scheduler._step_index = 10  # the scheduler advances its own index on every call
+        return scheduler.step(v, t, x, return_dict=False)
+
+    def eager():
+        return step_ops._flow_euler_step_reference(x, v, None, sigma, None, sigma_next, None, None, False)
+
+    for name in _fastsearch_backends(device):
+        case.impls[f"fastsearch-{name}"] = lambda name=name: fastsearch.flow_euler_step(x, v, sigma, sigma_next,
+                                                                                        backend=name)
+    case.impls["diffusers"] = diffusers_step
+    case.impls["eager"] = eager
+    compiled = _compiled(eager)
+    if compiled is not None:
+        case.impls["compile"] = compiled
+    return [case]
+
+
+def _per_sample_cases(shape, dtype, device) -> list[Case]:
+    """Steps that diffusers cannot express: per-sample levels (search over paths, particles)."""
+    x = torch.randn(shape, dtype=dtype, device=device)
+    v = torch.randn(shape, dtype=dtype, device=device)
+    v2 = torch.randn(shape, dtype=dtype, device=device)
+    batch = shape[0]
+    sigma = torch.linspace(0.3, 0.8, batch, device=device)
+    sigma_next = sigma - 0.02
+    level_to = sigma + 0.1
+    nbytes = x.numel() * x.element_size()
+    heun = Case("flow_heun_step", "per-sample sigma", shape, dtype, 4 * nbytes)
+    renoise = Case("renoise", "flow per-sample seed", shape, dtype, 2 * nbytes)
+
+    def heun_eager():
+        return step_ops._flow_heun_step_reference(x, v, v2, sigma, 0.0, sigma_next, 0.0)
+
+    def renoise_eager():
+        return step_ops._renoise_reference(x, sigma, 0.0, level_to, 0.0, 1, torch.randn_like(x), None)
+
+    for name in _fastsearch_backends(device):
+        heun.impls[f"fastsearch-{name}"] = (
+            lambda name=name: fastsearch.flow_heun_step(x, v, v2, sigma, sigma_next, backend=name))
+        renoise.impls[f"fastsearch-{name}"] = (
+            lambda name=name: fastsearch.renoise(x, sigma, level_to, schedule="flow", seed=3, backend=name))
+    for case, eager in ((heun, heun_eager), (renoise, renoise_eager)):
+        case.impls["eager"] = eager
+        compiled = _compiled(eager)
+        if compiled is not None:
+            case.impls["compile"] = compiled
+    return [heun, renoise]
+
+
+def _noise_cases(shape, dtype, device) -> list[Case]:
+    numel = 1
+    for size in shape:
+        numel *= size
+    randn = Case("randn", "philox", shape, dtype, numel * torch.tensor([], dtype=dtype).element_size())
+    for name in _fastsearch_backends(device):
+        randn.impls[f"fastsearch-{name}"] = (
+            lambda name=name: fastsearch.randn(shape, seed=5, dtype=dtype, device=device, backend=name))
+    randn.impls["eager"] = lambda: torch.randn(shape, dtype=dtype, device=device)
+    return [randn]
+
+
+def _overhead_cases(device) -> list[Case]:
+    """Per-call cost on a tiny tensor: the public function against the bare dispatcher call."""
+    if not _fastsearch_backends(device):
+        return []
+    x = torch.randn(1, 5, device=device)
+    eps = torch.randn(1, 5, device=device)
+    op = torch.ops.fastsearch.ddim_step.default
+    case = Case("ddim_step", "call overhead", (1, 5), torch.float32, 4 * x.numel() * 4)
+    case.impls["fastsearch-public"] = lambda: fastsearch.ddim_step(x, eps, 0.5, 0.6)
+    case.impls["torch.ops-direct"] = lambda: op(x, eps, None, 0.5, None, 0.6, 0.0, None, None, 0, None, False)
+    return [case]
+
+
+FAMILIES = {
+    "ddim_step": _ddim_cases,
+    "flow_euler_step": _flow_cases,
+    "per_sample": _per_sample_cases,
+    "randn": _noise_cases,
+}
+
+
+def copy_bandwidth(numel: int, device: torch.device, min_run_time: float) -> float:
+    """GB/s of ``dst.copy_(src)`` for fp32 tensors of ``numel`` elements."""
+    src = torch.randn(numel, device=device)
+    dst = torch.empty_like(src)
+    return 2 * src.numel() * 4 / median_us(lambda: dst.copy_(src), min_run_time) / 1e3
+
+
+def run(shape=(16, 4, 64, 64), dtypes=(torch.float32,), device="cpu", families=None, min_run_time=0.5,
+        csv_path=None, overhead=True, echo=print) -> list[dict]:
+    """Time every case; print a table; append rows to ``csv_path`` when given. Returns the rows."""
+    device = torch.device(device)
+    shape = tuple(shape)
+    numel = 1
+    for size in shape:
+        numel *= size
+    copy_gbps = copy_bandwidth(numel, device, min_run_time)
+    echo(f"device {device_name(device)}, copy bandwidth at {numel} fp32 elements: {copy_gbps:.1f} GB/s")
+    cases = []
+    for dtype in dtypes:
+        for family in families or FAMILIES:
+            cases += FAMILIES[family](shape, dtype, device)
+    if overhead:
+        cases += _overhead_cases(device)
+    rows = []
+    date = datetime.date.today().isoformat()
+    header = f"{'op':<16} {'case':<22} {'dtype':<9} {'impl':<18} {'median us':>10} {'GB/s':>8} {'copy%':>6} " \
+             f"{'x diffusers':>11} {'x eager':>8} {'x compile':>9}"
+    echo(header)
+    echo("-" * len(header))
+    for case in cases:
+        times = {name: median_us(fn, min_run_time) for name, fn in case.impls.items()}
+        for name, us in times.items():
+            gbps = case.bytes_moved / us / 1e3
+            row = {
+                "date": date, "device": device_name(device), "op": case.op, "case": case.case,
+                "shape": "x".join(map(str, case.shape)), "dtype": str(case.dtype).replace("torch.", ""),
+                "impl": name, "median_us": round(us, 2), "gb_per_s": round(gbps, 2),
+                "copy_frac": round(gbps / copy_gbps, 3),
+                "speedup_vs_diffusers": _ratio(times, "diffusers", us),
+                "speedup_vs_eager": _ratio(times, "eager", us),
+                "speedup_vs_compile": _ratio(times, "compile", us),
+                "torch": torch.__version__, "fastsearch": fastsearch.__version__,
+            }
+            rows.append(row)
+            echo(f"{case.op:<16} {case.case:<22} {row['dtype']:<9} {name:<18} {us:>10.2f} {gbps:>8.2f} "
+                 f"{100 * row['copy_frac']:>5.0f}% {_fmt(row['speedup_vs_diffusers']):>11} "
+                 f"{_fmt(row['speedup_vs_eager']):>8} {_fmt(row['speedup_vs_compile']):>9}")
+    if csv_path:
+        write_csv(csv_path, rows)
+        echo(f"appended {len(rows)} rows to {csv_path}")
+    return rows
+
+
+def _ratio(times: dict[str, float], baseline: str, us: float):
+    return round(times[baseline] / us, 2) if baseline in times else ""
+
+
+def _fmt(value) -> str:
+    return f"{value:.2f}x" if value != "" else "-"
+
+
+def write_csv(path: str, rows: list[dict]) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
