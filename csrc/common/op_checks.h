@@ -66,6 +66,9 @@ inline void check_randn_fill_args(const at::Tensor& out, int64_t seed, int64_t o
 
 inline void check_zo_neighbors_args(const at::Tensor& pivot, int64_t num_neighbors, double cos_sim, int64_t seed) {
   check_sample(pivot, "pivot");
+  TORCH_CHECK_VALUE(pivot.size(0) == 0 || pivot.numel() / pivot.size(0) >= 2,
+                    "pivot needs at least 2 elements per sample (a direction orthogonal to it), got shape ",
+                    pivot.sizes());
   TORCH_CHECK_VALUE(num_neighbors >= 1, "num_neighbors must be at least 1, got ", num_neighbors);
   TORCH_CHECK_VALUE(cos_sim >= -1.0 && cos_sim <= 1.0, "cos_sim must be in [-1, 1], got ", cos_sim);
   TORCH_CHECK_VALUE(seed >= 0, "seed must be in [0, 2**63), got ", seed);

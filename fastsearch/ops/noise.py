@@ -106,6 +106,9 @@ def _check_randn_fill(out: torch.Tensor, seed: int, offset: int) -> None:
 
 def _check_zo_neighbors(pivot: torch.Tensor, num_neighbors: int, cos_sim: float, seed: int) -> None:
     check_sample(pivot, "pivot")
+    if pivot.shape[0] and pivot.numel() // pivot.shape[0] < 2:
+        raise ValueError(f"pivot needs at least 2 elements per sample (a direction orthogonal to it), got shape "
+                         f"{list(pivot.shape)}")
     if num_neighbors < 1:
         raise ValueError(f"num_neighbors must be at least 1, got {num_neighbors}")
     if not -1.0 <= cos_sim <= 1.0:
