@@ -64,7 +64,7 @@ def has_cuda() -> bool:
     return _ext is not None and bool(_ext.has_cuda())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _triton_importable() -> bool:
     return importlib.util.find_spec("triton") is not None
 

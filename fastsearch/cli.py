@@ -24,7 +24,8 @@ def _info(args) -> int:
         print("triton     not installed")
     ext = _backend._ext
     if ext is not None:
-        print(f"_C         built (CPU kernels: {ext.cpu_capability()}, CUDA kernels: {'yes' if ext.has_cuda() else 'no'})")
+        cuda = "yes" if ext.has_cuda() else "no"
+        print(f"_C         built (CPU kernels: {ext.cpu_capability()}, CUDA kernels: {cuda})")
     else:
         print(f"_C         not loaded ({_backend.extension_error()})")
     if torch.cuda.is_available():

@@ -95,7 +95,7 @@ def test_flow_heun_trajectory_matches_diffusers(device, backend):
     # diffusers calls the model twice per Heun step: timesteps (t_i, t_i+1) for sigmas (s_i, s_i+1).
     sigmas = torch.unique_consecutive(scheduler.sigmas)
     calls = iter(scheduler.timesteps)
-    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:], strict=True):
         v1 = _model(x, next(calls).to(device))
         predicted = fastsearch.flow_euler_step(x, v1, sigma, sigma_next, backend=backend)
         if sigma_next == 0:

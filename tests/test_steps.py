@@ -38,7 +38,7 @@ def _compare(fn, device, backend, dtype, inputs):
     ref32 = fn(*[t.float() for t in inputs], backend="torch") if dtype != torch.float32 else None
     outs, refs = (out, ref) if isinstance(out, tuple) else ((out,), (ref,))
     refs32 = ref32 if isinstance(ref32, tuple) else (ref32,) * len(outs)
-    for o, r, r32 in zip(outs, refs, refs32):
+    for o, r, r32 in zip(outs, refs, refs32, strict=True):
         assert o.device.type == device
         assert_matches_reference(o, r, r32)
 
