@@ -39,7 +39,7 @@ FS_HOST_DEVICE uint32_t mulhi32(uint32_t a, uint32_t b) {
 // Ten rounds of Philox4x32 on counter (c0, c1, c2, c3) with key (k0, k1).
 FS_HOST_DEVICE Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0,
                                      uint32_t k1) {
-#if defined(__CUDACC__)
+#if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
   for (int round = 0; round < 10; ++round) {
