@@ -52,25 +52,42 @@ def philox4x32_10(c0, c1, c2, c3, k0: int, k1: int) -> torch.Tensor:
 
 
 def _box_muller(r_radius: torch.Tensor, r_angle: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    u_radius = ((r_radius >> 8).float() + 0.5) * 2.0**-24
-    u_angle = ((r_angle >> 8).float() + 0.5) * 2.0**-24
+    u_radius = _unit_open(r_radius)
+    u_angle = _unit_open(r_angle)
     radius = torch.sqrt(-2.0 * torch.log(u_radius))
     angle = u_angle * torch.tensor(2.0 * math.pi, dtype=torch.float32)
     return radius * torch.cos(angle), radius * torch.sin(angle)
 
 
-def randn_reference(numel: int, seed: int, offset: int = 0, device=None) -> torch.Tensor:
-    """Stream normals ``z_offset ... z_(offset + numel - 1)`` as a flat fp32 tensor (pure PyTorch)."""
+def _stream_blocks(numel: int, seed: int, offset: int, device) -> tuple[torch.Tensor, int]:
+    """The Philox blocks covering stream positions [offset, offset + numel), and where position
+    ``offset`` sits in their flattened [n * 4] words."""
     first, last = offset // 4, (offset + numel + 3) // 4
     counter = torch.arange(first, last, dtype=torch.int64, device=device)
     zero = torch.zeros_like(counter)
     blocks = philox4x32_10(counter & _MASK32, (counter >> 32) & _MASK32, zero, zero, seed & _MASK32,
                            (seed >> 32) & _MASK32)
+    return blocks, offset - 4 * first
+
+
+def _unit_open(words: torch.Tensor) -> torch.Tensor:
+    """u(r) = ((r >> 8) + 0.5) 2^-24: exact in fp32, strictly inside (0, 1)."""
+    return ((words >> 8).float() + 0.5) * 2.0**-24
+
+
+def randn_reference(numel: int, seed: int, offset: int = 0, device=None) -> torch.Tensor:
+    """Stream normals ``z_offset ... z_(offset + numel - 1)`` as a flat fp32 tensor (pure PyTorch)."""
+    blocks, start = _stream_blocks(numel, seed, offset, device)
     z0, z1 = _box_muller(blocks[:, 0], blocks[:, 1])
     z2, z3 = _box_muller(blocks[:, 2], blocks[:, 3])
     stream = torch.stack([z0, z1, z2, z3], dim=-1).reshape(-1)
-    start = offset - 4 * first
     return stream[start:start + numel]
+
+
+def philox_uniforms(numel: int, seed: int, device=None, offset: int = 0) -> torch.Tensor:
+    """Uniforms in (0, 1) of the same Philox blocks: position j is ``u(word j % 4 of block j // 4)``."""
+    blocks, start = _stream_blocks(numel, seed, offset, device)
+    return _unit_open(blocks.reshape(-1))[start:start + numel]
 
 
 def _randn_fill_reference(out: torch.Tensor, seed: int, offset: int) -> None:
