@@ -225,7 +225,7 @@ def _vote_reference(answer_keys, scores, offsets, mask, mode):
         reaches = valid & (occurrence == best)
         winner = torch.where(reaches, column, torch.full_like(column, width)).min(-1).values
     elif mode == 1:
-        total = (same * padded_scores[:, None, :]).sum(-1)
+        total = torch.where(same, padded_scores[:, None, :], torch.zeros((), device=keys.device)).sum(-1)
         total = torch.where(valid, total, torch.full_like(total, -torch.inf))
         best = total.max(-1, keepdim=True).values
         winner = torch.where(valid & (total == best), first, torch.full_like(first, width)).min(-1).values
