@@ -11,6 +11,14 @@ diffusers = pytest.importorskip("diffusers")
 NUM_STEPS = 50
 
 
+def _assert_close(out, expected):
+    """fp32 to 1e-5 relative to the sample's scale: a 50-step trajectory amplifies 1-ulp differences
+    through 1 / sqrt(alpha_prod_t) at the noisy end, so a per-element rtol would demand bit-exactness."""
+    scale = max(1.0, expected.abs().max().item())
+    err = (out.cpu() - expected).abs().max().item()
+    assert err <= 1e-5 * scale, f"max error {err} > 1e-5 x scale {scale}"
+
+
 def _model(x, t):
     """A fixed, smooth stand-in for a denoiser: output depends on the sample and the timestep."""
     t = torch.as_tensor(t, dtype=torch.float32).reshape(-1, *([1] * (x.dim() - 1)))
@@ -42,9 +50,9 @@ def test_ddim_trajectory_matches_diffusers(device, backend, prediction_type, eta
                                      prediction_type=prediction_type,
                                      clip_sample_range=scheduler.config.clip_sample_range if clip_sample else None,
                                      backend=backend)
-        torch.testing.assert_close(x0.cpu(), out.pred_original_sample, atol=1e-5, rtol=1e-5)
+        _assert_close(x0, out.pred_original_sample)
         x_ref = out.prev_sample
-    torch.testing.assert_close(x.cpu(), x_ref, atol=1e-5, rtol=1e-5)
+    _assert_close(x, x_ref)
 
 
 @pytest.mark.parametrize("device,backend", ALL_BACKENDS)
@@ -64,7 +72,7 @@ def test_ddim_per_sample_timesteps_match_separate_diffusers_steps(device, backen
                                    backend=backend)
     for i, t in enumerate(timesteps):
         expected = scheduler.step(eps[i:i + 1], t, x[i:i + 1], eta=0.5, variance_noise=noise[i:i + 1]).prev_sample
-        torch.testing.assert_close(prev[i:i + 1].cpu(), expected, atol=1e-5, rtol=1e-5)
+        _assert_close(prev[i:i + 1], expected)
 
 
 @pytest.mark.parametrize("device,backend", ALL_BACKENDS)
@@ -79,7 +87,7 @@ def test_flow_euler_trajectory_matches_diffusers(device, backend, shift):
         sigma, sigma_next = scheduler.sigmas[i], scheduler.sigmas[i + 1]
         x_ref = scheduler.step(_model(x_ref, t), t, x_ref).prev_sample
         x = fastsearch.flow_euler_step(x, _model(x, t.to(device)), sigma, sigma_next, backend=backend)
-    torch.testing.assert_close(x.cpu(), x_ref, atol=1e-5, rtol=1e-5)
+    _assert_close(x, x_ref)
 
 
 @pytest.mark.parametrize("device,backend", ALL_BACKENDS)
@@ -103,4 +111,4 @@ def test_flow_heun_trajectory_matches_diffusers(device, backend):
             continue
         v2 = _model(predicted, next(calls).to(device))
         x = fastsearch.flow_heun_step(x, v1, v2, sigma, sigma_next, backend=backend)
-    torch.testing.assert_close(x.cpu(), x_ref, atol=1e-5, rtol=1e-5)
+    _assert_close(x, x_ref)

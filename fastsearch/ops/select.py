@@ -106,7 +106,8 @@ def _segmented_topk_reference(scores, offsets, mask, k, largest):
     valid = (index >= 0) & ~torch.isnan(padded)
     if mask is not None:
         valid &= _padded(mask, offsets, False)[0]
-    key = padded.float() if largest else -padded.float()
+    key = padded if padded.dtype == torch.float64 else padded.float()  # fp32 order, fp64 for float64
+    key = key if largest else -key
     order = _ordered(key, valid)
     pad_value = -torch.inf if largest else torch.inf
     return _take_top(padded, index, valid, k, order, pad_value)
@@ -173,7 +174,8 @@ def _resample_reference(log_weights, offsets, num_samples, method, seed):
         positions = (uniforms + slot) / num_samples
     else:
         return _residual_reference(weights, index, uniforms, num_samples)
-    chosen = torch.searchsorted(cdf, positions.contiguous(), right=True).clamp(max=weights.shape[1] - 1)
+    # (U + i) / N may round to 1.0: such a draw takes the last candidate with weight.
+    chosen = torch.minimum(torch.searchsorted(cdf, positions.contiguous(), right=True), last)
     return index.gather(-1, chosen)
 
 
@@ -186,7 +188,7 @@ def _residual_reference(weights, index, uniforms, num_samples):
     column = torch.arange(weights.shape[1], device=weights.device)
     last = torch.where(residual > 0, column, torch.full_like(column, -1)).max(dim=-1, keepdim=True).values
     cdf = torch.where(column >= last, torch.ones_like(cdf), cdf)
-    drawn = torch.searchsorted(cdf, uniforms.contiguous(), right=True).clamp(max=weights.shape[1] - 1)
+    drawn = torch.minimum(torch.searchsorted(cdf, uniforms.contiguous(), right=True), last.clamp(min=0))
     out = torch.empty((weights.shape[0], num_samples), dtype=torch.int64, device=weights.device)
     for g in range(weights.shape[0]):  # the reference may loop; the kernels do not
         deterministic = torch.repeat_interleave(column, copies[g].long())
