@@ -11,12 +11,13 @@ diffusers = pytest.importorskip("diffusers")
 NUM_STEPS = 50
 
 
-def _assert_close(out, expected):
-    """fp32 to 1e-5 relative to the sample's scale: a 50-step trajectory amplifies 1-ulp differences
-    through 1 / sqrt(alpha_prod_t) at the noisy end, so a per-element rtol would demand bit-exactness."""
+def _assert_close(out, expected, conditioning=1.0):
+    """fp32 to 1e-5 relative to the sample's scale. ``conditioning`` widens it for quantities that
+    amplify input differences: the x0 prediction at a noisy step divides by sqrt(alpha_prod_t), so a
+    1-ulp difference in x_t (kernels fuse and associate differently from diffusers) grows by that factor."""
     scale = max(1.0, expected.abs().max().item())
     err = (out.cpu() - expected).abs().max().item()
-    assert err <= 1e-5 * scale, f"max error {err} > 1e-5 x scale {scale}"
+    assert err <= 1e-5 * scale * conditioning, f"max error {err} > 1e-5 x scale {scale} x {conditioning}"
 
 
 def _model(x, t):
@@ -50,7 +51,7 @@ def test_ddim_trajectory_matches_diffusers(device, backend, prediction_type, eta
                                      prediction_type=prediction_type,
                                      clip_sample_range=scheduler.config.clip_sample_range if clip_sample else None,
                                      backend=backend)
-        _assert_close(x0, out.pred_original_sample)
+        _assert_close(x0, out.pred_original_sample, conditioning=float(alpha) ** -0.5)
         x_ref = out.prev_sample
     _assert_close(x, x_ref)
 
