@@ -189,11 +189,86 @@ def _overhead_cases(device) -> list[Case]:
     return [case]
 
 
+def _select_cases(shape, dtype, device) -> list[Case]:
+    """Beam pruning and resampling: 64 groups of ~64 candidates on a CPU, 512 x 256 on a GPU (the step
+    shape does not apply)."""
+    import numpy as np
+
+    groups, width = (512, 256) if device.type == "cuda" else (64, 64)
+    g = torch.Generator().manual_seed(0)
+    sizes = torch.randint(width // 2, width + width // 2, (groups,), generator=g)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), sizes.cumsum(0)]).to(device)
+    total = int(sizes.sum())
+    scores = torch.rand(total, generator=g).to(device)
+    finished = (torch.rand(total, generator=g) < 0.1).to(device)
+    lengths = torch.randint(10, 200, (total,), generator=g).to(device)
+    k, beams, penalty = 4, 16, 0.5
+    cpu_offsets = offsets.cpu().tolist()
+    # The dense layout a user pads to for the torch composite (padding is -inf and "finished").
+    column = torch.arange(int(sizes.max()), device=device)
+    inside = column < sizes.to(device)[:, None]
+    flat = (offsets[:-1, None] + column).clamp(max=total - 1)
+    dense_scores = torch.where(inside, scores[flat], torch.full((), -torch.inf, device=device))
+    dense_finished = ~inside | finished[flat]
+    dense_lengths = lengths[flat]
+    nbytes = total * (4 + 1 + 8)
+    case = Case("beam_prune", f"{groups} ragged groups ~{width}", (total,), torch.float32, nbytes)
+
+    def composite():
+        adjusted = torch.where(dense_finished, torch.full((), -torch.inf, device=device),
+                               dense_scores / dense_lengths.float() ** penalty)
+        values, index = torch.topk(adjusted, k, dim=-1)
+        counts = (values > -torch.inf).sum(-1)
+        slot = torch.arange(beams, device=device)
+        return index.gather(-1, slot % counts.clamp(min=1)[:, None]), values, counts
+
+    def per_group_loop():
+        out = []
+        for start, end in zip(cpu_offsets[:-1], cpu_offsets[1:], strict=True):
+            adjusted = torch.where(finished[start:end], torch.full((), -torch.inf, device=device),
+                                   scores[start:end] / lengths[start:end].float() ** penalty)
+            values, index = torch.topk(adjusted, min(k, end - start))
+            alive = index[values > -torch.inf] + start
+            out.append(alive.repeat(beams // max(len(alive), 1) + 1)[:beams])
+        return out
+
+    np_scores, np_finished, np_lengths = scores.cpu().numpy(), finished.cpu().numpy(), lengths.cpu().numpy()
+
+    def numpy_argsort():
+        out = []
+        for start, end in zip(cpu_offsets[:-1], cpu_offsets[1:], strict=True):
+            adjusted = np.where(np_finished[start:end], -np.inf,
+                                np_scores[start:end] / np_lengths[start:end] ** penalty)
+            out.append(np.argsort(-adjusted, kind="stable")[:k] + start)
+        return out
+
+    for name in _fastsearch_backends(device):
+        case.impls[f"fastsearch-{name}"] = (
+            lambda name=name: fastsearch.beam_prune(scores, k, offsets=offsets, finished=finished, lengths=lengths,
+                                                    length_penalty=penalty, refill_to=beams, backend=name))
+    case.impls["eager"] = composite
+    compiled = _compiled(composite)
+    if compiled is not None:
+        case.impls["compile"] = compiled
+    case.impls["torch-loop"] = per_group_loop
+    case.impls["numpy-argsort"] = numpy_argsort
+
+    log_weights = torch.randn(groups, width, generator=g).to(device)
+    particles = width
+    resample = Case("resample", f"systematic {groups}x{width}", (groups, width), torch.float32, groups * width * 12)
+    for name in _fastsearch_backends(device):
+        resample.impls[f"fastsearch-{name}"] = (
+            lambda name=name: fastsearch.resample(log_weights, particles, method="systematic", seed=1, backend=name))
+    resample.impls["eager"] = lambda: torch.multinomial(torch.softmax(log_weights, -1), particles, replacement=True)
+    return [case, resample]
+
+
 FAMILIES = {
     "ddim_step": _ddim_cases,
     "flow_euler_step": _flow_cases,
     "per_sample": _per_sample_cases,
     "randn": _noise_cases,
+    "select": _select_cases,
 }
 
 

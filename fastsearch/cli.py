@@ -63,7 +63,7 @@ def main(argv=None) -> int:
     bench_parser.add_argument("--shape", default="16x4x64x64", help="sample shape, e.g. 16x4x64x64")
     bench_parser.add_argument("--dtype", default="float32", help="comma-separated: float32,float16,bfloat16")
     bench_parser.add_argument("--ops", default=None, help="comma-separated families: ddim_step,flow_euler_step,"
-                                                          "per_sample,randn (default: all)")
+                                                          "per_sample,randn,select (default: all)")
     bench_parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     bench_parser.add_argument("--min-run-time", type=float, default=0.5, help="seconds of timing per impl")
     bench_parser.add_argument("--csv", default=None,
