@@ -59,7 +59,8 @@ def _extensions():
     here = os.path.dirname(os.path.abspath(__file__))
     include_dirs = [os.path.join(here, "csrc")]
     sources = sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"] + _cpu_arch_flags()
+    # torch 2.13's headers are written for C++20 (under C++17 they compile with warnings).
+    cxx_flags = ["-O3", "-std=c++20", "-fopenmp"] + _cpu_arch_flags()
     link_flags = ["-fopenmp"]
     if _with_cuda():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")

@@ -63,7 +63,7 @@ def _op_cases(device):
     per_sample = torch.tensor([0.3, 0.5, 0.7], device=device)
     return {
         "ddim_step": [(x, m, per_sample, 0.0, None, 0.8, 1.0, None, 5, 0, 1.0, True),
-                      (x, m, None, 0.4, per_sample, 0.0, 0.0, None, None, 2, None, False)],
+                      (x, m, None, 0.2, per_sample, 0.0, 0.0, None, None, 2, None, False)],
         "flow_euler_step": [(x, m, per_sample, 0.0, None, 0.1, None, 4, True)],
         "flow_heun_step": [(x, m, m, per_sample, 0.0, None, 0.1)],
         "renoise": [(x, None, 0.2, per_sample, 0.0, 1, m, None)],
