@@ -4,22 +4,8 @@
 initialises CUDA or compiles anything.
 """
 
-from fastsearch import _backend
-from fastsearch.ops import (
-    BeamSelection,
-    beam_prune,
-    ddim_step,
-    effective_sample_size,
-    flow_euler_step,
-    flow_heun_step,
-    randn,
-    renoise,
-    resample,
-    segmented_topk,
-    sequence_keys,
-    vote,
-    zo_neighbors,
-)
+from fastsearch import _backend, ops
+from fastsearch.ops import *  # noqa: F403 - the public ops are the package's API
 
 __version__ = "0.1.0"
 
@@ -27,20 +13,4 @@ _backend.load_extension()
 
 backends = _backend.backends
 
-__all__ = [
-    "BeamSelection",
-    "__version__",
-    "backends",
-    "beam_prune",
-    "ddim_step",
-    "effective_sample_size",
-    "flow_euler_step",
-    "flow_heun_step",
-    "randn",
-    "renoise",
-    "resample",
-    "segmented_topk",
-    "sequence_keys",
-    "vote",
-    "zo_neighbors",
-]
+__all__ = ["__version__", "backends", *ops.__all__]
