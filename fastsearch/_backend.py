@@ -23,6 +23,8 @@ BACKENDS = ("auto", "torch", "cpu", "cuda", "triton")
 
 _ext = None
 _ext_error: str | None = None
+# (op, dispatch key) pairs the compiled extension registered; a plain set so torch.compile can read it.
+_native_kernels: frozenset[tuple[str, str]] = frozenset()
 
 # For CUDA tensors ``auto`` takes the faster compiled backend per op, as measured by
 # ``fastsearch bench`` on an H100 / H200 (benchmarks/results/). Ops not listed (nothing measured
@@ -32,7 +34,7 @@ AUTO_CUDA_PREFERENCE: dict[str, str] = {}
 
 def load_extension() -> None:
     """Import ``fastsearch._C`` once; on failure remember why and say so once."""
-    global _ext, _ext_error
+    global _ext, _ext_error, _native_kernels
     if _ext is not None or _ext_error is not None:
         return
     if os.environ.get("FASTSEARCH_NO_EXT") == "1":
@@ -42,6 +44,8 @@ def load_extension() -> None:
             _ext = importlib.import_module("fastsearch._C")
         except ImportError as exc:
             _ext_error = str(exc)
+        else:
+            _read_native_kernels()
     if _ext is None:
         warnings.warn(
             f"fastsearch: compiled kernels unavailable ({_ext_error}); the 'cpu' and 'cuda' backends are "
@@ -52,12 +56,37 @@ def load_extension() -> None:
         )
 
 
+def _read_native_kernels() -> None:
+    """Read which fastsearch ops the compiled extension registered kernels for."""
+    global _native_kernels
+    names = [name.split("::", 1)[1] for name in torch._C._dispatch_get_all_op_names() if name.startswith("fastsearch::")]
+    _native_kernels = frozenset((name, key) for name in names for key in ("CPU", "CUDA")
+                                if torch._C._dispatch_has_kernel_for_dispatch_key(f"fastsearch::{name}", key))
+
+
 def extension_error() -> str | None:
     return _ext_error
 
 
 def has_cpu() -> bool:
     return _ext is not None
+
+
+def _has_kernel(op: str, key: str) -> bool:
+    """Whether the compiled extension registered ``fastsearch::op`` for dispatch key ``key`` ("CPU" / "CUDA").
+
+    An extension built from older sources lacks the newer ops; those fall back as if it were missing.
+    """
+    global _native_kernels
+    if _ext is None:
+        return False
+    if (op, key) in _native_kernels:
+        return True
+    # kernels loaded after import (torch.ops.load_library) register late; compiled code must not look
+    if not torch.compiler.is_compiling() and torch._C._dispatch_has_kernel_for_dispatch_key(f"fastsearch::{op}", key):
+        _native_kernels = _native_kernels | {(op, key)}
+        return True
+    return False
 
 
 def has_cuda() -> bool:
@@ -99,6 +128,8 @@ def backends() -> dict[str, bool]:
 def _unavailable(backend: str, device_type: str) -> str:
     if backend in ("cpu", "cuda") and _ext is None:
         return f"the compiled extension fastsearch._C is not loaded ({_ext_error})"
+    if backend in ("cpu", "cuda") and device_type == backend and (backend == "cpu" or has_cuda()):
+        return "fastsearch._C was built without this op (rebuild with `pip install --no-build-isolation -e .`)"
     if backend == "cpu":
         return "the 'cpu' backend takes CPU tensors"
     if backend == "cuda":
@@ -122,19 +153,20 @@ def resolve(backend: str, device: torch.device, op: str) -> str:
     device_type = device.type
     if backend == "auto":
         if device_type == "cpu":
-            return "cpu" if _ext is not None else "torch"
+            return "cpu" if _has_kernel(op, "CPU") else "torch"
         if device_type == "cuda":
             preferred = AUTO_CUDA_PREFERENCE.get(op, "cuda")
             for candidate in (preferred, "cuda", "triton"):
-                if (candidate == "cuda" and has_cuda()) or (candidate == "triton" and has_triton("cuda")):
+                if (candidate == "cuda" and has_cuda() and _has_kernel(op, "CUDA")) or (
+                        candidate == "triton" and has_triton("cuda")):
                     return candidate
         return "torch"
     if backend == "torch":
         return backend
     if backend == "cpu":
-        ok = _ext is not None and device_type == "cpu"
+        ok = device_type == "cpu" and _has_kernel(op, "CPU")
     elif backend == "cuda":
-        ok = device_type == "cuda" and has_cuda()
+        ok = device_type == "cuda" and has_cuda() and _has_kernel(op, "CUDA")
     elif backend == "triton":
         ok = has_triton(device_type)
     else:
