@@ -21,10 +21,12 @@ import torch.utils.benchmark as torch_benchmark
 
 import fastsearch
 from fastsearch import _backend
+from fastsearch.ops import score as score_ops
 from fastsearch.ops import steps as step_ops
 
 CSV_FIELDS = ["date", "device", "op", "case", "shape", "dtype", "impl", "median_us", "gb_per_s", "copy_frac",
-              "speedup_vs_diffusers", "speedup_vs_eager", "speedup_vs_compile", "torch", "fastsearch"]
+              "speedup_vs_diffusers", "speedup_vs_eager", "speedup_vs_compile", "torch", "fastsearch",
+              "largest_alloc_mb"]
 
 
 @dataclass
@@ -35,6 +37,7 @@ class Case:
     dtype: torch.dtype
     bytes_moved: int
     impls: dict[str, Callable[[], object]] = field(default_factory=dict)
+    measure_memory: bool = False  # also record the largest single allocation of each implementation
 
 
 def device_name(device: torch.device) -> str:
@@ -49,13 +52,29 @@ def median_us(fn: Callable[[], object], min_run_time: float) -> float:
     return timer.blocked_autorange(min_run_time=min_run_time).median * 1e6
 
 
-def _fastsearch_backends(device: torch.device) -> list[str]:
+def largest_allocation_mb(fn: Callable[[], object], device: torch.device) -> float:
+    """The largest block one call allocates, in MiB: the CUDA allocator's peak above the memory in use
+    before the call, or on the CPU the largest allocation the torch profiler's memory view records."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return max([event.cpu_memory_usage for event in prof.events()] + [0]) / 2**20
+
+
+def _fastsearch_backends(device: torch.device, op: str | None = None) -> list[str]:
+    """The compiled and Triton backends that can run ``op`` (any op, when None) on ``device`` here."""
     names = []
     if device.type == "cpu":
-        if _backend.has_cpu():
+        if _backend.has_cpu() and (op is None or _backend._has_kernel(op, "CPU")):
             names.append("cpu")
     else:
-        if _backend.has_cuda():
+        if _backend.has_cuda() and (op is None or _backend._has_kernel(op, "CUDA")):
             names.append("cuda")
         if _backend.has_triton("cuda"):
             names.append("triton")
@@ -263,12 +282,48 @@ def _select_cases(shape, dtype, device) -> list[Case]:
     return [case, resample]
 
 
+def _score_cases(shape, dtype, device) -> list[Case]:
+    """PRM scoring against the full-logits path today's PRM code runs: hidden @ lm_head.T over the whole
+    vocabulary, two columns at the step tags, softmax, aggregation in Python. The step shape does not apply:
+    T=2048, H=1024, V=32000, S=256, N=64 on a CPU; T=32768, H=4096, V=152064, S=4096, N=512 on a GPU."""
+    tokens, hidden, vocab, steps, candidates = ((32768, 4096, 152064, 4096, 512) if device.type == "cuda"
+                                                else (2048, 1024, 32000, 256, 64))
+    g = torch.Generator().manual_seed(0)
+    hidden_states = torch.randn(tokens, hidden, generator=g).to(dtype).to(device)
+    lm_head = (torch.randn(vocab, hidden, generator=g) / hidden**0.5).to(dtype).to(device)
+    good, bad = 7, 11
+    head = lm_head[[good, bad]].contiguous()
+    positions = torch.sort(torch.randperm(tokens, generator=g)[:steps]).values.to(device)
+    cuts = torch.sort(torch.randperm(steps - 1, generator=g)[:candidates - 1] + 1).values
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), cuts, torch.tensor([steps])]).to(device)
+    cpu_offsets = offsets.cpu().tolist()
+    bytes_moved = steps * hidden * hidden_states.element_size() + head.numel() * head.element_size()
+    case = Case("prm_scores", f"T{tokens} H{hidden} V{vocab} S{steps} N{candidates}", (tokens, hidden), dtype,
+                bytes_moved, measure_memory=True)
+
+    def full_logits():
+        logits = hidden_states @ lm_head.T  # [T, V]
+        step_scores = torch.softmax(logits[positions][:, [good, bad]].float(), dim=-1)[:, 0]
+        return [step_scores[start:end][-1] for start, end in zip(cpu_offsets[:-1], cpu_offsets[1:], strict=True)]
+
+    def gather_eager():
+        return score_ops._prm_scores_reference(hidden_states, positions, offsets, head, None, 0, 0, 0, None)
+
+    for name in _fastsearch_backends(device, "prm_scores"):
+        case.impls[f"fastsearch-{name}"] = (
+            lambda name=name: fastsearch.prm_scores(hidden_states, positions, offsets, head, backend=name))
+    case.impls["eager"] = full_logits
+    case.impls["gather-eager"] = gather_eager
+    return [case]
+
+
 FAMILIES = {
     "ddim_step": _ddim_cases,
     "flow_euler_step": _flow_cases,
     "per_sample": _per_sample_cases,
     "randn": _noise_cases,
     "select": _select_cases,
+    "score": _score_cases,
 }
 
 
@@ -314,11 +369,14 @@ def run(shape=(16, 4, 64, 64), dtypes=(torch.float32,), device="cpu", families=N
                 "speedup_vs_eager": _ratio(times, "eager", us),
                 "speedup_vs_compile": _ratio(times, "compile", us),
                 "torch": torch.__version__, "fastsearch": fastsearch.__version__,
+                "largest_alloc_mb": (round(largest_allocation_mb(case.impls[name], device), 3)
+                                     if case.measure_memory else ""),
             }
             rows.append(row)
             echo(f"{case.op:<16} {case.case:<22} {row['dtype']:<9} {name:<18} {us:>10.2f} {gbps:>8.2f} "
                  f"{100 * row['copy_frac']:>5.0f}% {_fmt(row['speedup_vs_diffusers']):>11} "
-                 f"{_fmt(row['speedup_vs_eager']):>8} {_fmt(row['speedup_vs_compile']):>9}")
+                 f"{_fmt(row['speedup_vs_eager']):>8} {_fmt(row['speedup_vs_compile']):>9}"
+                 + (f"  largest alloc {row['largest_alloc_mb']:.3f} MiB" if case.measure_memory else ""))
     if csv_path:
         write_csv(csv_path, rows)
         echo(f"appended {len(rows)} rows to {csv_path}")
