@@ -59,7 +59,8 @@ def load_extension() -> None:
 def _read_native_kernels() -> None:
     """Read which fastsearch ops the compiled extension registered kernels for."""
     global _native_kernels
-    names = [name.split("::", 1)[1] for name in torch._C._dispatch_get_all_op_names() if name.startswith("fastsearch::")]
+    names = [name.split("::", 1)[1] for name in torch._C._dispatch_get_all_op_names()
+             if name.startswith("fastsearch::")]
     _native_kernels = frozenset((name, key) for name in names for key in ("CPU", "CUDA")
                                 if torch._C._dispatch_has_kernel_for_dispatch_key(f"fastsearch::{name}", key))
 
