@@ -1,0 +1,248 @@
+"""transformers adapters for the LLM search algorithms (:mod:`fastsearch.search`).
+
+- :class:`HFGenerator`: the ``Generator`` protocol over a causal LM's ``generate``, batched over all prompts
+  and samples at once, stopping at stop strings (the step delimiter).
+- :class:`HFProcessRewardModel`: the ``StepVerifier`` protocol for a Math-Shepherd-style PRM (a step tag
+  after each step, scored by the softmax of a "good" and a "bad" token's logits at the tag). It runs the
+  model for hidden states only and scores the tags with :func:`fastsearch.prm_scores` on two rows of the
+  LM head: no [tokens, vocabulary] logit matrix is ever formed.
+
+Needs the ``transformers`` extra (``pip install fastsearch[transformers]``).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+
+import torch
+
+from fastsearch.ops.score import AGGREGATIONS, lm_head_rows, prm_scores
+
+
+def _check_texts(name: str, texts) -> list[str]:
+    if isinstance(texts, str) or not isinstance(texts, Sequence):
+        raise TypeError(f"{name} must be a sequence of strings, got {type(texts).__name__}")
+    texts = list(texts)
+    for index, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"{name}[{index}] must be a string, got {type(text).__name__}")
+    return texts
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def _model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+class HFGenerator:
+    """A ``Generator`` over a transformers causal LM: one batched ``generate`` for all prompts x samples.
+
+    Sampling is plain temperature sampling (no top-k / top-p), greedy at ``temperature == 0``. A
+    completion that stops at a stop string ends with it (the search cuts steps there); ``finished`` is
+    True only when the model emitted its end-of-sequence token. ``num_tokens`` counts the generated
+    tokens up to the stop string or through the end-of-sequence token.
+
+    Args:
+        model: a ``transformers`` causal LM (``GenerationMixin``).
+        tokenizer: its tokenizer (fast or slow); it needs a pad token or an EOS token to pad with.
+        batch_size: most rows (prompts x n) per ``generate`` call; larger requests are split.
+    """
+
+    def __init__(self, model, tokenizer, *, batch_size: int = 64):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = _positive_int("batch_size", batch_size)
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        if self.pad_token_id is None:
+            raise ValueError("tokenizer has neither a pad token nor an EOS token to pad prompts with")
+        self.eos_token_id = tokenizer.eos_token_id
+
+    def generate(self, prompts: Sequence[str], *, n: int = 1, stop: Sequence[str] | None = None,
+                 temperature: float = 1.0, max_tokens: int = 256, seed: int | None = None):
+        """Sample ``n`` completions of every prompt.
+
+        Args:
+            prompts: P prompt strings.
+            n: completions per prompt.
+            stop: stop strings (e.g. the step delimiter ``"\\n\\n"``).
+            temperature: 0 decodes greedily.
+            max_tokens: most new tokens per completion.
+            seed: makes the call deterministic (torch's global RNG is restored afterwards).
+
+        Returns:
+            P lists of n :class:`fastsearch.search.Completion`.
+        """
+        from fastsearch.search.types import Completion
+
+        prompts = _check_texts("prompts", prompts)
+        n = _positive_int("n", n)
+        max_tokens = _positive_int("max_tokens", max_tokens)
+        if not temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        stop = [] if stop is None else _check_texts("stop", stop)
+        per_call = max(1, self.batch_size // n)
+        devices = [_model_device(self.model)] if _model_device(self.model).type == "cuda" else []
+        results = []
+        with torch.random.fork_rng(devices=devices, enabled=seed is not None):
+            if seed is not None:
+                torch.manual_seed(seed)
+            for start in range(0, len(prompts), per_call):
+                chunk = prompts[start:start + per_call]
+                rows = self._generate_rows(chunk, n, stop, temperature, max_tokens)
+                for p in range(len(chunk)):
+                    results.append([Completion(*self._completion(row, stop)) for row in rows[p * n:(p + 1) * n]])
+        return results
+
+    def _generate_rows(self, prompts, n, stop, temperature, max_tokens) -> list[list[int]]:
+        side = self.tokenizer.padding_side
+        self.tokenizer.padding_side = "left"  # decoder-only models continue from the right end
+        try:
+            batch = self.tokenizer(prompts, return_tensors="pt", padding=True).to(_model_device(self.model))
+        finally:
+            self.tokenizer.padding_side = side
+        options = dict(max_new_tokens=max_tokens, num_return_sequences=n, pad_token_id=self.pad_token_id,
+                       eos_token_id=self.eos_token_id)
+        if temperature > 0:
+            options.update(do_sample=True, temperature=float(temperature), top_k=0, top_p=1.0)
+        else:
+            options.update(do_sample=False)
+        if stop:
+            options.update(stop_strings=list(stop), tokenizer=self.tokenizer)
+        with torch.inference_mode():
+            out = self.model.generate(**batch, **options)
+        return out[:, batch["input_ids"].shape[1]:].tolist()
+
+    def _completion(self, tokens: list[int], stop: list[str]) -> tuple[str, int, bool]:
+        end = tokens.index(self.eos_token_id) if self.eos_token_id in tokens else len(tokens)
+        text = self.tokenizer.decode(tokens[:end], skip_special_tokens=True)
+        cut = min(((text.find(s) + len(s), s) for s in stop if s in text), default=None)
+        if cut is not None:
+            # the fewest tokens whose text holds the stop string: that is where generation stopped
+            low, high = 1, end
+            while low < high:
+                mid = (low + high) // 2
+                if cut[1] in self.tokenizer.decode(tokens[:mid], skip_special_tokens=True):
+                    high = mid
+                else:
+                    low = mid + 1
+            return text[:cut[0]], low, False
+        if end < len(tokens):
+            return text, end + 1, True
+        return text, len(tokens), False
+
+
+class HFProcessRewardModel:
+    """A ``StepVerifier`` for a Math-Shepherd-style PRM, scored on hidden states without vocabulary logits.
+
+    Each candidate becomes ``problem + sep + step_1 + " " + step_tag + sep + step_2 + " " + step_tag ...``
+    (``sep = step_separator``); the score of step i is ``softmax(l_good, l_bad)[good]`` at the i-th tag,
+    computed by :func:`fastsearch.prm_scores` from the last hidden states and the two LM-head rows.
+
+    Args:
+        model: a transformers causal LM (the PRM).
+        tokenizer: its tokenizer; ``step_tag``, ``good_token`` and ``bad_token`` must each be one token.
+        step_tag: the tag placed after each step (Math-Shepherd uses ``"ки"``).
+        good_token, bad_token: the tokens whose logits at the tag score the step (e.g. ``"+"``, ``"-"``).
+        step_separator: text between the problem and the steps and between steps.
+        batch_size: candidates per forward pass.
+        how: how :meth:`score_candidates` aggregates steps (``"last"``, ``"min"``, ``"prod"``, ...).
+    """
+
+    def __init__(self, model, tokenizer, step_tag: str, good_token: str, bad_token: str, *,
+                 step_separator: str = "\n", batch_size: int = 16, how: str = "last"):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.step_tag = step_tag
+        self.step_separator = step_separator
+        self.batch_size = _positive_int("batch_size", batch_size)
+        if how not in AGGREGATIONS:
+            raise ValueError(f"how must be one of {list(AGGREGATIONS)}, got {how!r}")
+        self.how = how
+        self.tag_id = self._single_token("step_tag", step_tag)
+        good, bad = self._single_token("good_token", good_token), self._single_token("bad_token", bad_token)
+        self.head, self.head_bias = lm_head_rows(model, [good, bad], with_bias=True)
+        forward = inspect.signature(model.forward).parameters
+        # a forward that can skip the logits (all but one position) need not build [tokens, vocab]
+        self._skip_logits = {"logits_to_keep": 1} if "logits_to_keep" in forward else {}
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def _single_token(self, name: str, text: str) -> int:
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        if len(ids) != 1:
+            raise ValueError(f"{name}={text!r} must be exactly one token of the tokenizer, got ids {ids}")
+        return ids[0]
+
+    def format(self, problem: str, steps: Sequence[str]) -> str:
+        """The text the PRM reads for one candidate."""
+        return problem + "".join(f"{self.step_separator}{step} {self.step_tag}" for step in steps)
+
+    def score(self, problems: Sequence[str], step_lists: Sequence[Sequence[str]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step scores of every candidate, packed.
+
+        Args:
+            problems: N problem texts (``problems[i]`` belongs to candidate i).
+            step_lists: N lists of step texts.
+
+        Returns:
+            ``(step_scores [S] float32, offsets [N + 1] int64)`` on the CPU, S the total number of steps.
+        """
+        step_scores, _, offsets = self._run(problems, step_lists, "last")
+        return step_scores, offsets
+
+    def score_candidates(self, problems: Sequence[str], step_lists: Sequence[Sequence[str]]) -> torch.Tensor:
+        """One aggregated score per candidate (``how`` of the constructor), [N] float32; NaN without steps."""
+        return self._run(problems, step_lists, self.how)[1]
+
+    def _run(self, problems, step_lists, how):
+        problems = _check_texts("problems", problems)
+        if isinstance(step_lists, str) or not isinstance(step_lists, Sequence):
+            raise TypeError(f"step_lists must be a sequence of step lists, got {type(step_lists).__name__}")
+        if len(problems) != len(step_lists):
+            raise ValueError(f"problems has {len(problems)} entries but step_lists has {len(step_lists)}: one "
+                             "problem per candidate")
+        for index, steps in enumerate(step_lists):
+            _check_texts(f"step_lists[{index}]", steps)
+        step_chunks, candidate_chunks = [], []
+        for start in range(0, len(problems), self.batch_size):
+            texts = [self.format(problem, steps) for problem, steps in
+                     zip(problems[start:start + self.batch_size], step_lists[start:start + self.batch_size],
+                         strict=True)]
+            counts = [len(steps) for steps in step_lists[start:start + self.batch_size]]
+            candidates, steps = self._score_chunk(texts, counts, start, how)
+            candidate_chunks.append(candidates)
+            step_chunks.append(steps)
+        counts = torch.tensor([0] + [len(steps) for steps in step_lists], dtype=torch.int64)
+        offsets = counts.cumsum(0)
+        if not step_chunks:
+            return torch.zeros(0), torch.zeros(0), offsets
+        return torch.cat(step_chunks), torch.cat(candidate_chunks), offsets
+
+    def _score_chunk(self, texts, counts, first, how):
+        device = _model_device(self.model)
+        side = self.tokenizer.padding_side
+        self.tokenizer.padding_side = "right"
+        try:
+            batch = self.tokenizer(texts, return_tensors="pt", padding=True).to(device)
+        finally:
+            self.tokenizer.padding_side = side
+        ids = batch["input_ids"]
+        is_tag = (ids == self.tag_id) & batch["attention_mask"].bool()
+        found = is_tag.sum(-1).tolist()
+        for index, (got, expected) in enumerate(zip(found, counts, strict=True)):
+            if got != expected:
+                raise ValueError(f"candidate {first + index}: found {got} step tags {self.step_tag!r} for {expected} "
+                                 "steps (a step contains the tag, or the text was truncated)")
+        with torch.inference_mode():
+            out = self.model(**batch, output_hidden_states=True, **self._skip_logits)
+        hidden = out.hidden_states[-1]
+        positions = torch.nonzero(is_tag.reshape(-1)).squeeze(-1)
+        offsets = torch.tensor([0] + counts, dtype=torch.int64, device=device).cumsum(0)
+        candidates, steps = prm_scores(hidden, positions, offsets, self.head, head_bias=self.head_bias, how=how,
+                                       empty=float("nan"))
+        return candidates.cpu(), steps.cpu()

@@ -1,0 +1,123 @@
+"""transformers adapters on tiny randomly initialised models with a tokenizer built offline (no download)."""
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+from fastsearch.integrations.transformers import HFGenerator, HFProcessRewardModel  # noqa: E402
+from fastsearch.search.types import Completion  # noqa: E402
+
+CHARS = list("abcdefghijklmnopqrstuvwxyz0123456789 +-=.\n§")
+TAG = "§"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    for char in CHARS:
+        vocab[char] = len(vocab)
+    core = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = tokenizers.pre_tokenizers.Split(tokenizers.Regex(r"[\s\S]"), behavior="isolated")
+    core.decoder = tokenizers.decoders.Fuse()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>",
+                                                eos_token="</s>", unk_token="<unk>")
+
+
+def _tiny_llama(vocab_size, seed, tie=False):
+    config = transformers.LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=48,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      tie_word_embeddings=tie, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def generator_model(tokenizer):
+    model = _tiny_llama(len(tokenizer), seed=0)
+    with torch.no_grad():  # make newlines and EOS likely, so that stops happen within a few tokens
+        model.lm_head.weight[tokenizer.convert_tokens_to_ids("\n")] *= 0
+        model.lm_head.bias = None
+        model.lm_head.weight[tokenizer.convert_tokens_to_ids("\n")] += model.model.norm.weight * 0.4
+    return model
+
+
+def test_generator_shapes_stops_and_counts(tokenizer, generator_model):
+    generator = HFGenerator(generator_model, tokenizer, batch_size=8)
+    prompts = ["1+1=", "abc", "x"]
+    out = generator.generate(prompts, n=3, stop=["\n"], temperature=1.0, max_tokens=12, seed=4)
+    assert len(out) == 3 and all(len(samples) == 3 for samples in out)
+    for samples in out:
+        for completion in samples:
+            assert isinstance(completion, Completion)
+            assert 1 <= completion.num_tokens <= 12
+            if "\n" in completion.text:
+                assert completion.text.endswith("\n") and completion.text.count("\n") == 1
+                assert not completion.finished
+            # one char per token here; special tokens (sampled <s>, <pad>) count but print nothing
+            assert len(completion.text) + int(completion.finished) <= completion.num_tokens
+    assert any(c.text.endswith("\n") for samples in out for c in samples), "no completion reached the stop string"
+    again = generator.generate(prompts, n=3, stop=["\n"], temperature=1.0, max_tokens=12, seed=4)
+    assert again == out
+
+
+def test_generator_greedy_batched_equals_one_by_one(tokenizer, generator_model):
+    generator = HFGenerator(generator_model, tokenizer, batch_size=2)
+    prompts = ["12+3=", "a", "hello wor"]
+    batched = generator.generate(prompts, n=1, stop=["\n"], temperature=0, max_tokens=6)
+    single = [generator.generate([p], n=1, stop=["\n"], temperature=0, max_tokens=6)[0] for p in prompts]
+    assert batched == single
+
+
+def test_generator_errors(tokenizer, generator_model):
+    generator = HFGenerator(generator_model, tokenizer)
+    with pytest.raises(TypeError, match="prompts must be a sequence of strings"):
+        generator.generate("abc", n=1)
+    with pytest.raises(ValueError, match="n must be a positive int"):
+        generator.generate(["a"], n=0)
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        generator.generate(["a"], n=1, temperature=-1.0)
+
+
+@pytest.fixture(scope="module")
+def prm_model(tokenizer):
+    return _tiny_llama(len(tokenizer), seed=1)
+
+
+def _full_logits_step_scores(model, tokenizer, text):
+    ids = tokenizer(text, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        logits = model(ids).logits[0]
+    good, bad = tokenizer.convert_tokens_to_ids("+"), tokenizer.convert_tokens_to_ids("-")
+    tags = (ids[0] == tokenizer.convert_tokens_to_ids(TAG)).nonzero().squeeze(-1)
+    return torch.softmax(logits[tags][:, [good, bad]].double(), -1)[:, 0].float()
+
+
+def test_prm_scores_equal_full_logits(tokenizer, prm_model):
+    prm = HFProcessRewardModel(prm_model, tokenizer, TAG, "+", "-", batch_size=2)
+    problems = ["what is 2+2", "what is 3+1", "name a color", "q"]
+    step_lists = [["2+2=4", "so 4"], ["3+1=5"], [], ["a", "b", "c", "d"]]
+    scores, offsets = prm.score(problems, step_lists)
+    assert offsets.tolist() == [0, 2, 3, 3, 7]
+    assert scores.shape == (7,) and scores.dtype == torch.float32
+    for i, (problem, steps) in enumerate(zip(problems, step_lists, strict=True)):
+        if steps:
+            expected = _full_logits_step_scores(prm_model, tokenizer, prm.format(problem, steps))
+            torch.testing.assert_close(scores[offsets[i]:offsets[i + 1]], expected, atol=1e-5, rtol=1e-5)
+    candidates = HFProcessRewardModel(prm_model, tokenizer, TAG, "+", "-", how="min").score_candidates(problems,
+                                                                                                       step_lists)
+    assert torch.isnan(candidates[2])
+    torch.testing.assert_close(candidates[3], scores[3:7].min())
+
+
+def test_prm_errors(tokenizer, prm_model):
+    with pytest.raises(ValueError, match="step_tag='ab' must be exactly one token"):
+        HFProcessRewardModel(prm_model, tokenizer, "ab", "+", "-")
+    prm = HFProcessRewardModel(prm_model, tokenizer, TAG, "+", "-")
+    with pytest.raises(ValueError, match="one problem per candidate"):
+        prm.score(["a", "b"], [["x"]])
+    with pytest.raises(ValueError, match="candidate 1: found 2 step tags"):
+        prm.score(["a", "b"], [["x"], [f"y {TAG}"]])
+    with pytest.raises(ValueError, match="how must be one of"):
+        HFProcessRewardModel(prm_model, tokenizer, TAG, "+", "-", how="median")
