@@ -327,6 +327,11 @@ FAMILIES = {
 }
 
 
+# Families measured by their own code (whole searches, not one op): module paths of ``rows(min_run_time,
+# device)`` functions returning CSV rows (op, case, shape, dtype, impl, median_us).
+ROW_FAMILIES = {"search": "fastsearch.search.benchmark", "diffusion": "fastsearch.diffusion.benchmark"}
+
+
 def copy_bandwidth(numel: int, device: torch.device, min_run_time: float) -> float:
     """GB/s of ``dst.copy_(src)`` for fp32 tensors of ``numel`` elements."""
     src = torch.randn(numel, device=device)
@@ -344,10 +349,15 @@ def run(shape=(16, 4, 64, 64), dtypes=(torch.float32,), device="cpu", families=N
         numel *= size
     copy_gbps = copy_bandwidth(numel, device, min_run_time)
     echo(f"device {device_name(device)}, copy bandwidth at {numel} fp32 elements: {copy_gbps:.1f} GB/s")
+    families = list(families or [*FAMILIES, *ROW_FAMILIES])
+    unknown = [family for family in families if family not in FAMILIES and family not in ROW_FAMILIES]
+    if unknown:
+        raise ValueError(f"unknown benchmark families {unknown}; choose from {[*FAMILIES, *ROW_FAMILIES]}")
     cases = []
     for dtype in dtypes:
-        for family in families or FAMILIES:
-            cases += FAMILIES[family](shape, dtype, device)
+        for family in families:
+            if family in FAMILIES:
+                cases += FAMILIES[family](shape, dtype, device)
     if overhead:
         cases += _overhead_cases(device)
     rows = []
@@ -377,9 +387,30 @@ def run(shape=(16, 4, 64, 64), dtypes=(torch.float32,), device="cpu", families=N
                  f"{100 * row['copy_frac']:>5.0f}% {_fmt(row['speedup_vs_diffusers']):>11} "
                  f"{_fmt(row['speedup_vs_eager']):>8} {_fmt(row['speedup_vs_compile']):>9}"
                  + (f"  largest alloc {row['largest_alloc_mb']:.3f} MiB" if case.measure_memory else ""))
+    for family in families:
+        if family in ROW_FAMILIES:
+            rows += _family_rows(family, device, min_run_time, date, echo)
     if csv_path:
         write_csv(csv_path, rows)
         echo(f"appended {len(rows)} rows to {csv_path}")
+    return rows
+
+
+def _family_rows(family: str, device: torch.device, min_run_time: float, date: str, echo) -> list[dict]:
+    import importlib
+    import inspect
+
+    measure = importlib.import_module(ROW_FAMILIES[family]).rows
+    options = {"min_run_time": min_run_time}
+    if "device" in inspect.signature(measure).parameters:
+        options["device"] = str(device)
+    rows = []
+    for measured in measure(**options):
+        row = dict.fromkeys(CSV_FIELDS, "")
+        row.update(date=date, device=device_name(device), torch=torch.__version__, fastsearch=fastsearch.__version__)
+        row.update({key: value for key, value in measured.items() if key in CSV_FIELDS})
+        rows.append(row)
+        echo(f"{row['op']:<16} {row['case']:<40} {row['impl']:<12} {row['median_us']:>10}")
     return rows
 
 

@@ -1,4 +1,4 @@
-"""The ``fastsearch`` command: ``fastsearch info`` and ``fastsearch bench``."""
+"""The ``fastsearch`` command: ``fastsearch info``, ``fastsearch bench`` and ``fastsearch demo``."""
 
 from __future__ import annotations
 
@@ -55,6 +55,25 @@ def _bench(args) -> int:
     return 0
 
 
+_DEMOS = {"llm": "fastsearch.search.demo", "diffusion": "fastsearch.diffusion.demo"}
+
+
+def _demo(args) -> int:
+    import importlib
+    import pathlib
+    import time
+
+    out_dir = pathlib.Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = list(_DEMOS) if args.which == "all" else [args.which]
+    for name in names:
+        start = time.perf_counter()
+        print(f"== fastsearch demo {name} ==")
+        importlib.import_module(_DEMOS[name]).run(out_dir, quick=args.quick, progress=not args.no_progress)
+        print(f"== {name} done in {time.perf_counter() - start:.1f} s; plots in {out_dir}/ ==")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fastsearch", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -63,12 +82,20 @@ def main(argv=None) -> int:
     bench_parser.add_argument("--shape", default="16x4x64x64", help="sample shape, e.g. 16x4x64x64")
     bench_parser.add_argument("--dtype", default="float32", help="comma-separated: float32,float16,bfloat16")
     bench_parser.add_argument("--ops", default=None, help="comma-separated families: ddim_step,flow_euler_step,"
-                                                          "per_sample,randn,select (default: all)")
+                                                          "per_sample,randn,select,score,search,diffusion "
+                                                          "(default: all)")
     bench_parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     bench_parser.add_argument("--min-run-time", type=float, default=0.5, help="seconds of timing per impl")
     bench_parser.add_argument("--csv", default=None,
                               help="append rows to this CSV; 'auto' = benchmarks/results/<device>.csv")
     bench_parser.set_defaults(func=_bench)
+    demo_parser = sub.add_parser("demo", help="run the searches on the embedded models; print tables, write plots")
+    demo_parser.add_argument("which", nargs="?", choices=["all", *_DEMOS], default="all",
+                             help="llm (simulated reasoning task), diffusion (Gaussian mixture and digits), or all")
+    demo_parser.add_argument("--out", default="demo-output", help="folder for the PNG plots")
+    demo_parser.add_argument("--quick", action="store_true", help="a seconds-long smoke version")
+    demo_parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    demo_parser.set_defaults(func=_demo)
     args = parser.parse_args(argv)
     return args.func(args)
 
