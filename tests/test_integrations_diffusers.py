@@ -1,0 +1,321 @@
+"""The diffusers drop-in schedulers and search through a pipeline, on tiny randomly initialised models."""
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+
+from fastsearch.integrations.diffusers import (  # noqa: E402
+    FastDDIMScheduler,
+    FastFlowMatchEulerDiscreteScheduler,
+    search_pipeline,
+)
+from fastsearch.models.digits import one_thread  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _single_thread():
+    """The models here are tiny: threads only add overhead (a lot of it on a busy machine)."""
+    with one_thread():
+        yield
+
+
+def _unet(channels: int = 3) -> "diffusers.UNet2DModel":
+    torch.manual_seed(0)
+    return diffusers.UNet2DModel(sample_size=8, in_channels=channels, out_channels=channels, layers_per_block=1,
+                                 block_out_channels=(8, 16), down_block_types=("DownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4).eval()
+
+
+@pytest.fixture(scope="module")
+def unet():
+    return _unet()
+
+
+def _close(out: torch.Tensor, expected: torch.Tensor, tol: float = 1e-5) -> None:
+    assert out.shape == expected.shape and out.dtype == expected.dtype
+    scale = max(1.0, expected.abs().max().item())
+    err = (out - expected).abs().max().item()
+    assert err <= tol * scale, f"max error {err} > {tol} x scale {scale}"
+
+
+# -- DDIM ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("eta,prediction_type,clip_sample,use_clipped", [
+    (0.0, "epsilon", True, None), (1.0, "v_prediction", False, None), (0.5, "sample", True, True)])
+def test_ddim_pipeline_gives_the_stock_images(unet, eta, prediction_type, clip_sample, use_clipped):
+    """Each step agrees with diffusers to about 1 ulp; the random UNet amplifies such differences by ~1.5x per
+    step, so a short run keeps the comparison at 1e-5."""
+    stock = diffusers.DDIMScheduler(prediction_type=prediction_type, clip_sample=clip_sample)
+    pipe = diffusers.DDIMPipeline(unet, stock)
+    pipe.set_progress_bar_config(disable=True)
+
+    def images():
+        return pipe(batch_size=3, generator=torch.Generator().manual_seed(5), eta=eta, num_inference_steps=6,
+                    use_clipped_model_output=use_clipped, output_type="pt").images
+
+    expected = images()
+    # DDIMPipeline turns any scheduler into a DDIMScheduler when built, so swap it in afterwards.
+    pipe.scheduler = FastDDIMScheduler.from_config(pipe.scheduler.config)
+    assert isinstance(pipe.scheduler, FastDDIMScheduler)
+    out = images()
+    inside = ((expected > 0) & (expected < 1)).float().mean().item()
+    assert inside > 0.5, "the comparison would hide differences behind the output clamp"
+    _close(out, expected)
+
+
+def _ddim_inputs(batch=4, seed=1, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    sample = torch.randn(batch, 3, 5, 6, generator=g).to(dtype)
+    return sample, torch.randn(sample.shape, generator=g).to(dtype), torch.randn(sample.shape, generator=g).to(dtype)
+
+
+@pytest.mark.parametrize("prediction_type,use_clipped", [("epsilon", False), ("v_prediction", True)])
+def test_ddim_per_sample_timesteps_equal_separate_stock_steps(prediction_type, use_clipped):
+    stock = diffusers.DDIMScheduler(prediction_type=prediction_type, clip_sample=False)
+    fast = FastDDIMScheduler.from_config(stock.config)
+    for scheduler in (stock, fast):
+        scheduler.set_timesteps(20)
+    timesteps = stock.timesteps[[0, 7, 13, 19]]
+    sample, model_output, noise = _ddim_inputs()
+    options = {"eta": 0.7, "use_clipped_model_output": use_clipped}
+    out = fast.step(model_output, timesteps, sample, variance_noise=noise, **options)
+    # the noise drawn from a generator is the batch's noise, as the stock step draws it
+    drawn = fast.step(model_output, timesteps, sample, generator=torch.Generator().manual_seed(9), **options)
+    batch_noise = torch.randn(sample.shape, generator=torch.Generator().manual_seed(9))
+    for i, t in enumerate(timesteps):
+        rows = slice(i, i + 1)
+        expected = stock.step(model_output[rows], t, sample[rows], variance_noise=noise[rows], **options)
+        _close(out.prev_sample[rows], expected.prev_sample)
+        _close(out.pred_original_sample[rows], expected.pred_original_sample, 1e-5 / stock.alphas_cumprod[t] ** 0.5)
+        expected = stock.step(model_output[rows], t, sample[rows], variance_noise=batch_noise[rows], **options)
+        _close(drawn.prev_sample[rows], expected.prev_sample)
+    prev, x0 = fast.step(model_output, timesteps, sample, return_dict=False)
+    assert prev.shape == x0.shape == sample.shape
+
+
+def test_ddim_falls_back_to_the_stock_step():
+    """Thresholding and float64 are the stock step's, bit for bit, also per sample."""
+    stock = diffusers.DDIMScheduler(thresholding=True, clip_sample=False)
+    fast = FastDDIMScheduler.from_config(stock.config)
+    for scheduler in (stock, fast):
+        scheduler.set_timesteps(10)
+    sample, model_output, noise = _ddim_inputs()
+    sample = sample * 3  # so that thresholding bites
+    t = stock.timesteps[2]
+    expected = stock.step(model_output, t, sample, eta=0.3, variance_noise=noise)
+    out = fast.step(model_output, t, sample, eta=0.3, variance_noise=noise)
+    assert torch.equal(out.prev_sample, expected.prev_sample)
+    timesteps = stock.timesteps[[1, 4, 6, 9]]
+    out = fast.step(model_output, timesteps, sample, eta=0.3, variance_noise=noise)
+    for i, t in enumerate(timesteps):
+        expected = stock.step(model_output[i:i + 1], t, sample[i:i + 1], eta=0.3, variance_noise=noise[i:i + 1])
+        assert torch.equal(out.prev_sample[i:i + 1], expected.prev_sample)
+        assert torch.equal(out.pred_original_sample[i:i + 1], expected.pred_original_sample)
+    plain = diffusers.DDIMScheduler()
+    fast = FastDDIMScheduler.from_config(plain.config)
+    for scheduler in (plain, fast):
+        scheduler.set_timesteps(10)
+    sample, model_output, _ = _ddim_inputs(dtype=torch.float64)
+    out = fast.step(model_output, plain.timesteps[3], sample)
+    assert out.prev_sample.dtype == torch.float64
+    assert torch.equal(out.prev_sample, plain.step(model_output, plain.timesteps[3], sample).prev_sample)
+
+
+def test_from_config_works_both_ways():
+    stock = diffusers.DDIMScheduler(beta_schedule="scaled_linear", prediction_type="v_prediction", steps_offset=1)
+    fast = FastDDIMScheduler.from_config(stock.config)
+    back = diffusers.DDIMScheduler.from_config(fast.config)
+    assert type(fast) is FastDDIMScheduler and type(back) is diffusers.DDIMScheduler
+    assert dict(fast.config) == dict(stock.config) == dict(back.config)
+    flow = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0, stochastic_sampling=True)
+    fast_flow = FastFlowMatchEulerDiscreteScheduler.from_config(flow.config)
+    assert dict(diffusers.FlowMatchEulerDiscreteScheduler.from_config(fast_flow.config).config) == dict(flow.config)
+    assert dict(fast_flow.config) == dict(flow.config)
+
+
+def test_ddim_bad_per_sample_timesteps():
+    fast = FastDDIMScheduler()
+    sample, model_output, _ = _ddim_inputs()
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        fast.step(model_output, 10, sample)
+    fast.set_timesteps(10)
+    with pytest.raises(ValueError, match=r"shape \[B\]"):
+        fast.step(model_output, fast.timesteps[:3], sample)
+
+
+# -- flow matching ---------------------------------------------------------------------------------------------
+
+
+def _flow_loop(scheduler, velocity_net, x, num_steps, generator=None, begin_index=None):
+    """The denoising loop a flow pipeline runs: set_timesteps, then model + step per timestep."""
+    scheduler.set_timesteps(num_steps)
+    timesteps = scheduler.timesteps
+    if begin_index is not None:
+        scheduler.set_begin_index(begin_index)
+        timesteps = timesteps[begin_index:]
+    for t in timesteps:
+        with torch.no_grad():
+            velocity = velocity_net(x, t).sample
+        x = scheduler.step(velocity, t, x, generator=generator).prev_sample
+    return x
+
+
+@pytest.mark.parametrize("shift,stochastic,begin_index", [(1.0, False, None), (3.0, False, 2), (3.0, True, None)])
+def test_flow_loop_gives_the_stock_samples(unet, shift, stochastic, begin_index):
+    """Same loop as a flow pipeline: a tiny UNet as the velocity model, stock vs fast scheduler."""
+    stock = diffusers.FlowMatchEulerDiscreteScheduler(shift=shift, stochastic_sampling=stochastic)
+    fast = FastFlowMatchEulerDiscreteScheduler.from_config(stock.config)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    results = []
+    for scheduler in (stock, fast):
+        generator = torch.Generator().manual_seed(11) if stochastic else None
+        results.append(_flow_loop(scheduler, unet, x, 6, generator, begin_index))
+    _close(results[1], results[0])
+    assert fast.step_index == stock.step_index == 6
+    assert not torch.equal(results[0], x)
+
+
+def test_flow_per_sample_timesteps_equal_separate_stock_steps():
+    stock = diffusers.FlowMatchEulerDiscreteScheduler(shift=2.0)
+    fast = FastFlowMatchEulerDiscreteScheduler.from_config(stock.config)
+    fast.set_timesteps(12)
+    positions = [0, 5, 9, 11]
+    sample, velocity, _ = _ddim_inputs()
+    out = fast.step(velocity, fast.timesteps[positions], sample)
+    assert fast.step_index is None, "a per-sample step leaves the scalar bookkeeping alone"
+    for i, position in enumerate(positions):
+        stock.set_timesteps(12)
+        stock.set_begin_index(position)
+        expected = stock.step(velocity[i:i + 1], stock.timesteps[position], sample[i:i + 1]).prev_sample
+        _close(out.prev_sample[i:i + 1], expected)
+    # float64: the stock step per sample at its own index; the scalar bookkeeping is restored
+    fast.set_timesteps(12)
+    fast.set_begin_index(2)
+    out64 = fast.step(velocity.double(), fast.timesteps[positions], sample.double())
+    assert out64.prev_sample.dtype == torch.float64 and fast.step_index is None
+    _close(out64.prev_sample.float(), out.prev_sample)
+
+
+def test_flow_half_precision_and_per_token_fallback():
+    stock = diffusers.FlowMatchEulerDiscreteScheduler()
+    fast = FastFlowMatchEulerDiscreteScheduler.from_config(stock.config)
+    sample, velocity, _ = _ddim_inputs(dtype=torch.float16)
+    for scheduler in (stock, fast):
+        scheduler.set_timesteps(8)
+    t = stock.timesteps[0]
+    expected, out = stock.step(velocity, t, sample).prev_sample, fast.step(velocity, t, sample).prev_sample
+    assert out.dtype == expected.dtype == torch.float16
+    torch.testing.assert_close(out, expected, atol=2e-3, rtol=2e-3)
+    # per-token timesteps run the stock step
+    sample, velocity = sample.float().flatten(2).transpose(1, 2), velocity.float().flatten(2).transpose(1, 2)
+    per_token = torch.full(sample.shape[:2], float(stock.timesteps[2]))
+    for scheduler in (stock, fast):
+        scheduler.set_timesteps(8)
+    expected = stock.step(velocity, stock.timesteps[2], sample, per_token_timesteps=per_token).prev_sample
+    out = fast.step(velocity, fast.timesteps[2], sample, per_token_timesteps=per_token).prev_sample
+    assert torch.equal(out, expected)
+
+
+def test_flow_bad_timesteps():
+    fast = FastFlowMatchEulerDiscreteScheduler()
+    fast.set_timesteps(6)
+    sample, velocity, _ = _ddim_inputs()
+    with pytest.raises(ValueError, match="not in scheduler.timesteps"):
+        fast.step(velocity, fast.timesteps[:4] + 0.5, sample)
+    with pytest.raises(ValueError, match="integer index"):
+        fast.step(velocity, 3, sample)
+    with pytest.raises(ValueError, match=r"shape \[B\]"):
+        fast.step(velocity, fast.timesteps[:2], sample)
+
+
+# -- search through a pipeline ------------------------------------------------------------------------------------
+
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def kandinsky():
+    """A tiny Kandinsky 2.2 decoder pipeline (UNet + MoVQ, random weights): it takes latents=."""
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=8, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
+        up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
+        mid_block_type="UNetMidBlock2DSimpleCrossAttn", addition_embed_type="image", encoder_hid_dim=12,
+        encoder_hid_dim_type="image_proj", cross_attention_dim=16, attention_head_dim=4, norm_num_groups=8,
+        resnet_time_scale_shift="scale_shift").eval()
+    movq = diffusers.VQModel(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
+                             layers_per_block=1, norm_num_groups=8, num_vq_embeddings=8, vq_embed_dim=4,
+                             down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                             up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D")).eval()
+    pipe = diffusers.KandinskyV22Pipeline(unet=unet, scheduler=FastDDIMScheduler(), movq=movq)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _request(generator_seed=0):
+    g = torch.Generator().manual_seed(42)
+    return {"image_embeds": torch.randn(2, 12, generator=g), "negative_image_embeds": torch.zeros(2, 12),
+            "height": 16, "width": 16, "num_inference_steps": STEPS, "guidance_scale": 2.0,
+            "generator": torch.Generator().manual_seed(generator_seed)}
+
+
+def brightness(images):
+    """Toy verifier: the mean of the red channel."""
+    return images[:, 0].mean(dim=(1, 2))
+
+
+def test_random_search_through_a_pipeline(kandinsky):
+    plain = kandinsky(**_request(), output_type="pt").images
+    result = search_pipeline(kandinsky, brightness, "random", num_candidates=3, seed=1, progress=False, **_request())
+    assert result.scores.shape == (2, 3)
+    torch.testing.assert_close(result.scores[:, 0], brightness(plain), rtol=0, atol=0)  # candidate 0: no search
+    torch.testing.assert_close(result.score, result.scores.max(dim=1).values, rtol=0, atol=0)
+    torch.testing.assert_close(brightness(result.sample), result.score)
+    assert result.nfe == 3 * STEPS and result.total_nfe == 2 * 3 * STEPS and result.verifier_calls == 6
+    assert [entry["nfe"] for entry in result.history] == [STEPS, 2 * STEPS, 3 * STEPS]
+    assert "step" not in vars(kandinsky.scheduler), "the step counter is removed"
+    # the reported initial latents reproduce the best images
+    again = kandinsky(**{**_request(), "latents": result.noise}, output_type="pt").images
+    torch.testing.assert_close(again, result.sample)
+    same = search_pipeline(kandinsky, brightness, "random", budget_nfe=3 * STEPS + 1, seed=1, progress=False,
+                           **_request())
+    assert torch.equal(same.scores, result.scores)
+
+
+def test_zero_order_search_through_a_pipeline(kandinsky):
+    result = search_pipeline(kandinsky, brightness, "zero_order", num_neighbors=2, iterations=2, seed=3,
+                             progress=False, **_request())
+    assert result.scores.shape == (2, 2 * 3)
+    assert result.nfe == 2 * 3 * STEPS and result.verifier_calls == 2 * 2 * 3
+    assert len(result.history) == 2
+    first, second = result.history
+    assert bool((second["best_score"] >= first["best_score"]).all())
+    torch.testing.assert_close(result.score, result.scores.max(dim=1).values, rtol=0, atol=0)
+    # a pivot that moved is the winning neighbour: re-scored first in the next round
+    moved = first["moved"]
+    torch.testing.assert_close(result.scores[moved, 3], first["round_best"][moved], rtol=0, atol=0)
+    assert torch.equal(first["round_best"], result.scores[:, :3].max(dim=1).values)
+
+
+def test_search_pipeline_bad_input(kandinsky, unet):
+    with pytest.raises(ValueError, match="algorithm must be one of"):
+        search_pipeline(kandinsky, brightness, "beam", num_candidates=2, **_request())
+    for algorithm in ("paths", "fk"):
+        with pytest.raises(NotImplementedError, match=algorithm):
+            search_pipeline(kandinsky, brightness, algorithm, **_request())
+    with pytest.raises(ValueError, match="does not take latents="):
+        search_pipeline(diffusers.DDIMPipeline(unet, diffusers.DDIMScheduler()), brightness, num_candidates=2)
+    with pytest.raises(ValueError, match="chosen by the search"):
+        search_pipeline(kandinsky, brightness, num_candidates=2, latents=torch.zeros(2, 4, 8, 8), **_request())
+    with pytest.raises(ValueError, match="exactly one of num_candidates and budget_nfe"):
+        search_pipeline(kandinsky, brightness, progress=False, **_request())
+    with pytest.raises(ValueError, match="iterations must be a positive int"):
+        search_pipeline(kandinsky, brightness, "zero_order", iterations=0, progress=False, **_request())
+    with pytest.raises(ValueError, match="smaller than one round"):
+        search_pipeline(kandinsky, brightness, "zero_order", budget_nfe=STEPS, progress=False, **_request())
+    with pytest.raises(ValueError, match="one score per image"):
+        search_pipeline(kandinsky, lambda images: images.mean(), num_candidates=2, progress=False, **_request())
+    assert "step" not in vars(kandinsky.scheduler)
