@@ -243,7 +243,7 @@ def test_prm_scores_is_step_scores_then_aggregate():
 @pytest.mark.parametrize("device,backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", ["one", "pairwise", "groups"])
-@pytest.mark.parametrize("num,dim", [(0, 5), (1, 1), (9, 13), (67, 1025)])
+@pytest.mark.parametrize("num,dim", [(0, 5), (4, 0), (1, 1), (9, 13), (67, 1025)])
 def test_cosine_scores_backends(device, backend, dtype, layout, num, dim):
     g = torch.Generator().manual_seed(num + dim)
     embeddings = torch.randn(num, dim, generator=g)
@@ -288,6 +288,13 @@ def test_ensemble_scores_backends(device, backend, how, verifiers, sizes):
             whole = fastsearch.ensemble_scores(scores, how=how, backend=backend)
             torch.testing.assert_close(whole, fastsearch.ensemble_scores(scores, how=how, backend="torch"),
                                        equal_nan=True)
+    # equal scores that fp32 cannot sum exactly: z must be exactly 0, ranks all equal
+    same = torch.full((verifiers, sum(sizes)), 0.1, device=device)
+    out = fastsearch.ensemble_scores(same, offsets=_offsets(sizes, device), how=how, backend=backend)
+    torch.testing.assert_close(out, fastsearch.ensemble_scores(same, offsets=_offsets(sizes, device), how=how,
+                                                               backend="torch"))
+    if how == "zscore":
+        assert bool((out == 0).all())
 
 
 # -- a transformers PRM head end to end ---------------------------------------------------------------------

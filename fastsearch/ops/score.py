@@ -106,12 +106,14 @@ def _ensemble_scores_reference(scores, offsets, how, weights):
         equal = ((other == mine) | (other_nan & mine_nan)) & pair_valid
         per_verifier = 1.0 + below.sum(-1) + (equal.sum(-1) - 1) / 2.0
     else:
-        finite = valid & torch.isfinite(padded)
+        # fp64 sums: in fp32 the mean of many equal scores is not exactly that score, and z would not be 0
+        wide = padded.double()
+        finite = valid & torch.isfinite(wide)
         count = finite.sum(-1, keepdim=True)
-        mean = torch.where(finite, padded, 0.0).sum(-1, keepdim=True) / count.clamp(min=1)
-        var = torch.where(finite, (padded - mean) ** 2, 0.0).sum(-1, keepdim=True) / count.clamp(min=1)
+        mean = torch.where(finite, wide, 0.0).sum(-1, keepdim=True) / count.clamp(min=1)
+        var = torch.where(finite, (wide - mean) ** 2, 0.0).sum(-1, keepdim=True) / count.clamp(min=1)
         std = var.sqrt()
-        z = torch.where(std > 0, (padded - mean) / std, 0.0)
+        z = torch.where(std > 0, (wide - mean) / std, 0.0).float()
         z = torch.where(padded == torch.inf, torch.inf, z)
         per_verifier = torch.where(nan | (padded == -torch.inf), -torch.inf, z)
     w = torch.ones(num_verifiers, device=values.device) if weights is None else weights.float()
@@ -250,7 +252,7 @@ def _check_cosine_scores(embeddings, references, offsets):
         return
     if references.dim() != 2:
         raise ValueError(f"references must be [G, D] when offsets are given, got shape {list(references.shape)}")
-    check_groups("embeddings", embeddings[:, 0], offsets)
+    check_groups("embeddings", embeddings[:, 0] if dim else embeddings.new_empty(num), offsets)
     if offsets.numel() - 1 != references.shape[0]:
         raise ValueError(f"offsets describe {offsets.numel() - 1} groups but references has {references.shape[0]} "
                          "rows")
