@@ -28,9 +28,11 @@ $(STAMP): $(PY) $(SOURCES)
 
 install: $(STAMP)
 
+# The searches on the embedded models (simulated LLM reasoning task, Gaussian mixture, 8x8 digits):
+# tables on stdout, PNG plots in demo-output/.
 demo: install
 	$(VENV)/bin/fastsearch info
-	$(VENV)/bin/fastsearch bench --shape 16x4x64x64 --ops ddim_step,flow_euler_step --min-run-time 0.3
+	$(VENV)/bin/fastsearch demo --out demo-output
 
 # Every CUDA source must compile for $(CUDA_ARCH), GPU or not; the .cu files include no torch header.
 cuda-check:
