@@ -1,0 +1,226 @@
+"""One search's shared machinery: options, generator and verifier calls with their accounting, the result.
+
+Per-beam data lives in flat Python lists (texts) and numpy / torch arrays (everything else); every decision
+(which beam survives, which answer wins) is taken on tensors by the fastsearch ops. What remains per beam
+in Python is moving strings: list comprehensions that gather or concatenate them.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from collections.abc import Callable, Sequence
+from itertools import repeat
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+import fastsearch
+from fastsearch.ops._common import fresh_seed
+from fastsearch.search.types import (
+    AGGREGATIONS,
+    VOTES,
+    Completion,
+    SearchResult,
+    Spent,
+    check_callable,
+    check_choice,
+    check_int,
+    check_models,
+    check_problems,
+    check_seed,
+    check_temperature,
+    derive_seed,
+    flat_completions,
+    packed_scores,
+)
+
+GENERATE_STREAM = 1
+RESAMPLE_STREAM = 2
+
+
+def split_steps(texts: Sequence[str], delimiter: str) -> list[tuple[str, ...]]:
+    """Full solutions cut into steps; a trailing delimiter ends the last step, it opens no empty one."""
+    ends = repeat(delimiter)
+    return list(map(tuple, map(str.split, map(str.removesuffix, texts, ends), ends)))
+
+
+def as_numpy(values: Sequence, dtype) -> np.ndarray:
+    """A Python sequence as a numpy array (several times faster than ``torch.tensor`` on a list)."""
+    return np.fromiter(values, dtype=dtype, count=len(values))
+
+
+class SearchRun:
+    """Validated options and running totals of one search over a batch of problems.
+
+    ``generate`` and ``score`` wrap the user's generator and verifier: one call each for all problems,
+    timed, checked (n completions per prompt, one score per step) and counted.
+
+    Used as a context manager, it pauses Python's cyclic garbage collector for the search: the
+    bookkeeping allocates a few containers per beam and step and makes no reference cycles (reference
+    counting frees it all), but each collector pass walks every live container, which costs more than
+    the search itself at thousands of beams.
+    """
+
+    def __init__(self, strategy: str, problems, generator, verifier, *, aggregate: str, vote: str,
+                 answer_fn: Callable[[str], str], temperature: float, max_tokens: int, seed: int | None,
+                 step_delimiter: str, prompt_fn: Callable[[str], str] | None, progress: bool):
+        self.start = time.perf_counter()
+        self.problems = check_problems(problems)
+        check_models(generator, verifier)
+        self.generator, self.verifier = generator, verifier
+        self.strategy = strategy
+        self.aggregate = check_choice("aggregate", aggregate, AGGREGATIONS)
+        self.vote = check_choice("vote", vote, VOTES)
+        self.answer_fn = check_callable("answer_fn", answer_fn)
+        self.temperature = check_temperature(temperature)
+        self.max_tokens = check_int("max_tokens", max_tokens)
+        seed = check_seed(seed)
+        self.seed = fresh_seed() if seed is None else seed
+        if not isinstance(step_delimiter, str) or not step_delimiter:
+            raise ValueError(f"step_delimiter must be a non-empty string, got {step_delimiter!r}")
+        self.delimiter = step_delimiter
+        if prompt_fn is None:
+            self.prefixes = [problem + step_delimiter for problem in self.problems]
+        else:
+            check_callable("prompt_fn", prompt_fn)
+            self.prefixes = [prompt_fn(problem) for problem in self.problems]
+            wrong = next((i for i, prefix in enumerate(self.prefixes) if not isinstance(prefix, str)), None)
+            if wrong is not None:
+                raise TypeError(f"prompt_fn must return a str, got {type(self.prefixes[wrong]).__name__} for "
+                                f"problem {wrong}")
+        self.progress = bool(progress)
+        self.num_problems = len(self.problems)
+        self.tokens = np.zeros(self.num_problems, dtype=np.int64)
+        self.sequences = 0
+        self.generator_calls = 0
+        self.verifier_calls = 0
+        self.scored_steps = 0
+        self.generator_seconds = 0.0
+        self.verifier_seconds = 0.0
+
+    def __enter__(self) -> SearchRun:
+        self._collector_was_enabled = gc.isenabled()
+        gc.disable()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._collector_was_enabled:
+            gc.enable()
+
+    def steps(self, count: int):
+        return tqdm(range(count), desc=self.strategy, disable=not self.progress, leave=False)
+
+    def generate(self, prompts: Sequence[str], owner: np.ndarray, *, n: int, stop: Sequence[str] | None,
+                 temperature: float | None = None) -> tuple[Sequence[str], np.ndarray, np.ndarray]:
+        """One generator call: ``(texts, num_tokens int64, finished bool)``, n per prompt, prompt-major.
+
+        ``owner`` [P] int64 is the problem of each prompt (for the per-problem token count).
+        """
+        seed = derive_seed(self.seed, GENERATE_STREAM, self.generator_calls)
+        began = time.perf_counter()
+        outputs = self.generator.generate(prompts, n=n, stop=stop,
+                                          temperature=self.temperature if temperature is None else temperature,
+                                          max_tokens=self.max_tokens, seed=seed)
+        self.generator_seconds += time.perf_counter() - began
+        self.generator_calls += 1
+        flat = flat_completions(outputs, len(prompts), n)
+        if not flat:
+            return [], np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool)
+        if not isinstance(flat[0], Completion):
+            raise TypeError(f"generator.generate must return Completion(text, num_tokens, finished) tuples, got "
+                            f"{type(flat[0]).__name__}")
+        texts, tokens, finished = zip(*flat, strict=True)
+        tokens = as_numpy(tokens, np.int64)
+        self.sequences += len(flat)
+        per_sample_owner = owner if n == 1 else np.repeat(owner, n)
+        self.tokens += np.bincount(per_sample_owner, weights=tokens, minlength=self.num_problems).astype(np.int64)
+        return texts, tokens, as_numpy(finished, bool)
+
+    def score(self, owner: np.ndarray, step_lists: Sequence[Sequence[str]]) -> torch.Tensor:
+        """One verifier call for all candidates: their aggregated scores [N] float32."""
+        if not step_lists:
+            return torch.zeros(0, dtype=torch.float32)
+        candidate_problems = list(map(self.problems.__getitem__, owner.tolist()))
+        expected = np.fromiter(map(len, step_lists), dtype=np.int64, count=len(step_lists))
+        began = time.perf_counter()
+        returned = self.verifier.score(candidate_problems, step_lists)
+        self.verifier_seconds += time.perf_counter() - began
+        self.verifier_calls += 1
+        scores, offsets = packed_scores(returned, expected)
+        self.scored_steps += scores.numel()
+        return fastsearch.aggregate_steps(scores, offsets, how=self.aggregate)
+
+    def completions(self, prompts: Sequence[str], owner: np.ndarray) -> list[str]:
+        """The generated part of full prompts (the problem's prefix cut off)."""
+        prefix_length = [len(prefix) for prefix in self.prefixes]
+        return [prompt[prefix_length[g]:] for prompt, g in zip(prompts, owner.tolist(), strict=True)]
+
+    def finish(self, completions: Sequence[str], owner: np.ndarray, scores: torch.Tensor, *,
+               order: np.ndarray | None = None, keep: int | None = None) -> SearchResult:
+        """Group the final candidates by problem, keep the best ``keep`` of each, vote, and account.
+
+        Args:
+            completions: [T] final candidates in any problem order; ``owner`` [T] int64 their problems.
+            scores: [T] float32 aggregated scores.
+            order: [T] int64 order of the candidates within a problem (default: as given).
+            keep: keep only the ``keep`` best-scoring candidates of each problem, best first.
+        """
+        completions = list(completions)
+        key = owner if order is None else owner * (int(order.max()) + 1) + order
+        if len(key) and bool((key[1:] < key[:-1]).any()):
+            permutation = torch.sort(torch.from_numpy(key), stable=True).indices
+            scores = scores[permutation]
+            permutation = permutation.tolist()
+            completions = list(map(completions.__getitem__, permutation))
+            owner = owner[permutation]
+        counts = torch.from_numpy(np.bincount(owner, minlength=self.num_problems))
+        offsets = torch.zeros(self.num_problems + 1, dtype=torch.int64)
+        torch.cumsum(counts, 0, out=offsets[1:])
+        if keep is not None:
+            kept = fastsearch.segmented_topk(scores, keep, offsets=offsets)[1]
+            valid = kept >= 0
+            kept = kept[valid]
+            scores = scores[kept]
+            completions = list(map(completions.__getitem__, kept.tolist()))
+            offsets = torch.zeros(self.num_problems + 1, dtype=torch.int64)
+            torch.cumsum(valid.sum(-1), 0, out=offsets[1:])
+        answers = list(map(self.answer_fn, completions))
+        chosen = self._choose(answers, scores, offsets)
+        picks = chosen.tolist()
+        return SearchResult(
+            completions=[completions[i] if i >= 0 else "" for i in picks],
+            answers=[answers[i] if i >= 0 else "" for i in picks],
+            chosen=chosen,
+            candidates=completions,
+            candidate_answers=answers,
+            scores=scores,
+            offsets=offsets,
+            spent=self.spent(),
+            strategy=self.strategy,
+        )
+
+    def _choose(self, answers: list[str], scores: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """[G] int64 flat index of each problem's pick; -1 where a problem has no candidate with a score."""
+        if self.vote == "none":
+            return fastsearch.segmented_topk(scores, 1, offsets=offsets)[1][:, 0]
+        ids: dict[str, int] = {}
+        keys = torch.from_numpy(np.fromiter((ids.setdefault(answer, len(ids)) for answer in answers),
+                                            dtype=np.int64, count=len(answers)))
+        return fastsearch.vote(keys, scores, mode=self.vote, offsets=offsets)
+
+    def spent(self) -> Spent:
+        wall = time.perf_counter() - self.start
+        return Spent(
+            generated_tokens=int(self.tokens.sum()),
+            tokens_per_problem=torch.from_numpy(self.tokens.copy()),
+            sequences=self.sequences,
+            generator_calls=self.generator_calls,
+            verifier_calls=self.verifier_calls,
+            scored_steps=self.scored_steps,
+            generator_seconds=self.generator_seconds,
+            verifier_seconds=self.verifier_seconds,
+            overhead_seconds=max(wall - self.generator_seconds - self.verifier_seconds, 0.0),
+            wall_seconds=wall,
+        )
