@@ -423,10 +423,19 @@ def _fmt(value) -> str:
 
 
 def write_csv(path: str, rows: list[dict]) -> None:
+    """Append ``rows``; a file written with older columns is rewritten with the current ones first."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    new = not os.path.exists(path)
-    with open(path, "a", newline="") as f:
+    earlier = []
+    if os.path.exists(path):
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames != CSV_FIELDS:
+                earlier = [{key: row.get(key) or "" for key in CSV_FIELDS} for row in reader]
+            else:
+                earlier = None
+    with open(path, "a" if earlier is None else "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        if new:
+        if earlier is not None:
             writer.writeheader()
+            writer.writerows(earlier)
         writer.writerows(rows)

@@ -115,3 +115,15 @@ def test_bench_harness_writes_csv(tmp_path):
         written = list(csv.DictReader(f))
     assert len(written) == len(rows) and all(float(row["median_us"]) > 0 for row in written)
     assert any("x diffusers" in line for line in lines)
+
+
+def test_bench_csv_with_older_columns_is_rewritten(tmp_path):
+    from fastsearch import bench
+
+    path = tmp_path / "old.csv"
+    path.write_text("date,op,median_us\n2026-01-01,ddim_step,5.0\n")
+    bench.write_csv(str(path), [dict.fromkeys(bench.CSV_FIELDS, "x")])
+    rows = list(csv.DictReader(path.open()))
+    assert list(rows[0]) == bench.CSV_FIELDS
+    assert rows[0]["op"] == "ddim_step" and rows[0]["median_us"] == "5.0" and rows[0]["device"] == ""
+    assert rows[1]["op"] == "x"
