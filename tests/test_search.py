@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import math
 
 import pytest
@@ -158,6 +159,24 @@ def test_prompt_fn_and_progress(capsys):
                for prompts, *_ in generator.calls for prompt in prompts)
     assert "beam_search" in capsys.readouterr().err
     assert result.completions[0] == result.candidates[int(result.chosen[0])]
+
+
+def test_search_restores_threads_and_collector():
+    """The search runs its own tensor work on one thread with the collector paused; the models get the
+    caller's threads, and both settings come back after the search, also when it fails."""
+    threads, seen = torch.get_num_threads(), []
+
+    class Recording(FakeVerifier):
+        def score(self, problems, step_lists):
+            seen.append(torch.get_num_threads())
+            return super().score(problems, step_lists)
+
+    beam_search(PROBLEMS, FakeGenerator(), Recording(), n=4, beam_width=2, max_steps=3, seed=0, max_tokens=64)
+    assert seen and all(t == threads for t in seen)
+    assert torch.get_num_threads() == threads and gc.isenabled()
+    with pytest.raises(ValueError, match="score lists"):
+        best_of_n(PROBLEMS, FakeGenerator(), _Wrong("too few lists"), n=2, seed=0, max_tokens=64)
+    assert torch.get_num_threads() == threads and gc.isenabled()
 
 
 def test_extract_answer():

@@ -7,6 +7,7 @@ in Python is moving strings: list comprehensions that gather or concatenate them
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import time
 from collections.abc import Callable, Sequence
@@ -57,10 +58,15 @@ class SearchRun:
     ``generate`` and ``score`` wrap the user's generator and verifier: one call each for all problems,
     timed, checked (n completions per prompt, one score per step) and counted.
 
-    Used as a context manager, it pauses Python's cyclic garbage collector for the search: the
-    bookkeeping allocates a few containers per beam and step and makes no reference cycles (reference
-    counting frees it all), but each collector pass walks every live container, which costs more than
-    the search itself at thousands of beams.
+    Used as a context manager, it sets two process-wide knobs for the search and restores them after:
+
+    - Python's cyclic garbage collector is paused: the bookkeeping allocates a few containers per beam
+      and step and makes no reference cycles (reference counting frees it all), but each collector pass
+      walks every live container, which costs more than the search itself at thousands of beams.
+    - torch runs on the calling thread (``torch.set_num_threads(1)``) while fastsearch works, and with
+      the caller's thread count inside the generator and verifier calls: the search's own tensors are a
+      few kilobytes per step, and on a busy CPU the fork-join of a parallel region around them can take
+      milliseconds.
     """
 
     def __init__(self, strategy: str, problems, generator, verifier, *, aggregate: str, vote: str,
@@ -102,12 +108,24 @@ class SearchRun:
 
     def __enter__(self) -> SearchRun:
         self._collector_was_enabled = gc.isenabled()
+        self._threads = torch.get_num_threads()
         gc.disable()
+        torch.set_num_threads(1)
         return self
 
     def __exit__(self, *exc_info) -> None:
+        torch.set_num_threads(self._threads)
         if self._collector_was_enabled:
             gc.enable()
+
+    @contextlib.contextmanager
+    def _caller_threads(self):
+        """The caller's torch thread count, for the generator and verifier calls."""
+        torch.set_num_threads(self._threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(1)
 
     def steps(self, count: int):
         return tqdm(range(count), desc=self.strategy, disable=not self.progress, leave=False)
@@ -120,9 +138,10 @@ class SearchRun:
         """
         seed = derive_seed(self.seed, GENERATE_STREAM, self.generator_calls)
         began = time.perf_counter()
-        outputs = self.generator.generate(prompts, n=n, stop=stop,
-                                          temperature=self.temperature if temperature is None else temperature,
-                                          max_tokens=self.max_tokens, seed=seed)
+        with self._caller_threads():
+            outputs = self.generator.generate(prompts, n=n, stop=stop,
+                                              temperature=self.temperature if temperature is None else temperature,
+                                              max_tokens=self.max_tokens, seed=seed)
         self.generator_seconds += time.perf_counter() - began
         self.generator_calls += 1
         flat = flat_completions(outputs, len(prompts), n)
@@ -145,7 +164,8 @@ class SearchRun:
         candidate_problems = list(map(self.problems.__getitem__, owner.tolist()))
         expected = np.fromiter(map(len, step_lists), dtype=np.int64, count=len(step_lists))
         began = time.perf_counter()
-        returned = self.verifier.score(candidate_problems, step_lists)
+        with self._caller_threads():
+            returned = self.verifier.score(candidate_problems, step_lists)
         self.verifier_seconds += time.perf_counter() - began
         self.verifier_calls += 1
         scores, offsets = packed_scores(returned, expected)

@@ -34,7 +34,15 @@ import torch
 
 import fastsearch
 from fastsearch.search._run import RESAMPLE_STREAM, SearchRun, as_numpy, split_steps
-from fastsearch.search.types import SearchResult, check_choice, check_int, derive_seed, extract_answer
+from fastsearch.search.types import (
+    Generator,
+    SearchResult,
+    StepVerifier,
+    check_choice,
+    check_int,
+    derive_seed,
+    extract_answer,
+)
 
 RESAMPLE_METHODS = ("systematic", "multinomial", "stratified", "residual")
 # Particle log-weights clip scores to [CLIP, 1 - CLIP] before the logit, so that they stay finite.
@@ -103,9 +111,10 @@ def _with_lookahead(run: SearchRun, prompts: Sequence[str], owner: np.ndarray,
     return scored
 
 
-def best_of_n(problems, generator, verifier, *, n: int, aggregate: str = "last", vote: str = "none",
-              answer_fn: Callable[[str], str] = extract_answer, temperature: float = 0.8, max_tokens: int = 2048,
-              step_delimiter: str = "\n\n", prompt_fn: Callable[[str], str] | None = None, seed: int | None = None,
+def best_of_n(problems: Sequence[str], generator: Generator, verifier: StepVerifier, *, n: int,
+              aggregate: str = "last", vote: str = "none", answer_fn: Callable[[str], str] = extract_answer,
+              temperature: float = 0.8, max_tokens: int = 2048, step_delimiter: str = "\n\n",
+              prompt_fn: Callable[[str], str] | None = None, seed: int | None = None,
               progress: bool = False) -> SearchResult:
     """Best-of-N: n full solutions per problem, scored step by step by the verifier, one picked.
 
@@ -146,11 +155,11 @@ def best_of_n(problems, generator, verifier, *, n: int, aggregate: str = "last",
         return run.finish(texts, owner, scores)
 
 
-def beam_search(problems, generator, verifier, *, n: int, beam_width: int, max_steps: int = 40, lookahead: int = 0,
-                step_delimiter: str = "\n\n", aggregate: str = "last", vote: str = "none",
-                answer_fn: Callable[[str], str] = extract_answer, temperature: float = 0.8, max_tokens: int = 2048,
-                dedup: bool = False, prompt_fn: Callable[[str], str] | None = None, seed: int | None = None,
-                progress: bool = False) -> SearchResult:
+def beam_search(problems: Sequence[str], generator: Generator, verifier: StepVerifier, *, n: int, beam_width: int,
+                max_steps: int = 40, lookahead: int = 0, step_delimiter: str = "\n\n", aggregate: str = "last",
+                vote: str = "none", answer_fn: Callable[[str], str] = extract_answer, temperature: float = 0.8,
+                max_tokens: int = 2048, dedup: bool = False, prompt_fn: Callable[[str], str] | None = None,
+                seed: int | None = None, progress: bool = False) -> SearchResult:
     """PRM-guided step-level beam search over a batch of problems.
 
     n beams per problem each generate one step per iteration (the generator stops at ``step_delimiter``);
@@ -213,10 +222,10 @@ def beam_search(problems, generator, verifier, *, n: int, beam_width: int, max_s
         return run.finish(run.completions(pool_prompts, pool_owner), pool_owner, torch.cat(pool_scores), keep=n)
 
 
-def dvts(problems, generator, verifier, *, n: int, beam_width: int, max_steps: int = 40, lookahead: int = 0,
-         step_delimiter: str = "\n\n", aggregate: str = "last", vote: str = "none",
-         answer_fn: Callable[[str], str] = extract_answer, temperature: float = 0.8, max_tokens: int = 2048,
-         prompt_fn: Callable[[str], str] | None = None, seed: int | None = None,
+def dvts(problems: Sequence[str], generator: Generator, verifier: StepVerifier, *, n: int, beam_width: int,
+         max_steps: int = 40, lookahead: int = 0, step_delimiter: str = "\n\n", aggregate: str = "last",
+         vote: str = "none", answer_fn: Callable[[str], str] = extract_answer, temperature: float = 0.8,
+         max_tokens: int = 2048, prompt_fn: Callable[[str], str] | None = None, seed: int | None = None,
          progress: bool = False) -> SearchResult:
     """Diverse verifier tree search: n / beam_width independent subtrees per problem, each greedy on the PRM.
 
@@ -278,10 +287,11 @@ def dvts(problems, generator, verifier, *, n: int, beam_width: int, max_steps: i
                           order=np.concatenate(pool_subtree))
 
 
-def particle_filter(problems, generator, verifier, *, n: int, max_steps: int = 40, resample: str = "systematic",
-                    ess_threshold: float = 0.5, step_delimiter: str = "\n\n", aggregate: str = "last",
-                    vote: str = "none", answer_fn: Callable[[str], str] = extract_answer, temperature: float = 0.8,
-                    max_tokens: int = 2048, prompt_fn: Callable[[str], str] | None = None, seed: int | None = None,
+def particle_filter(problems: Sequence[str], generator: Generator, verifier: StepVerifier, *, n: int,
+                    max_steps: int = 40, resample: str = "systematic", ess_threshold: float = 0.5,
+                    step_delimiter: str = "\n\n", aggregate: str = "last", vote: str = "none",
+                    answer_fn: Callable[[str], str] = extract_answer, temperature: float = 0.8, max_tokens: int = 2048,
+                    prompt_fn: Callable[[str], str] | None = None, seed: int | None = None,
                     progress: bool = False) -> SearchResult:
     """Particle filtering with a PRM (Puri et al. 2025): n particles per problem, weighted by their score.
 

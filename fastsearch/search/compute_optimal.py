@@ -19,8 +19,10 @@ from tqdm.auto import tqdm
 
 from fastsearch.search.algorithms import beam_search, best_of_n, dvts
 from fastsearch.search.types import (
+    Generator,
     SearchResult,
     Spent,
+    StepVerifier,
     check_int,
     check_problems,
     check_seed,
@@ -104,15 +106,16 @@ class ComputeOptimal:
         self.accuracy: torch.Tensor | None = None
         self.choice: torch.Tensor | None = None
 
-    def difficulty(self, problems, generator, verifier, *, seed: int | None = None) -> tuple[torch.Tensor, Spent]:
+    def difficulty(self, problems: Sequence[str], generator: Generator, verifier: StepVerifier, *,
+                   seed: int | None = None) -> tuple[torch.Tensor, Spent]:
         """Estimated difficulty [G] float32 in [0, 1] (1 - mean verifier score of ``probe_n`` samples) and
         what the estimate spent."""
         probe = best_of_n(problems, generator, verifier, n=self.probe_n, seed=seed, **self._probe_options())
         return 1.0 - probe.scores.view(-1, self.probe_n).nan_to_num(0.0).mean(-1), probe.spent
 
-    def fit(self, problems, answers: Sequence[str], generator, verifier, *, budgets: Sequence[int] = (4, 16, 64, 256),
-            seed: int = 0, is_correct: Callable[[str, str], bool] | None = None,
-            progress: bool = False) -> ComputeOptimal:
+    def fit(self, problems: Sequence[str], answers: Sequence[str], generator: Generator, verifier: StepVerifier, *,
+            budgets: Sequence[int] = (4, 16, 64, 256), seed: int = 0,
+            is_correct: Callable[[str, str], bool] | None = None, progress: bool = False) -> ComputeOptimal:
         """Run every strategy at every budget on a validation set and keep, per difficulty bin and budget,
         the most accurate one.
 
@@ -163,8 +166,8 @@ class ComputeOptimal:
         return {budget: [self.strategies[s].name for s in self.choice[b].tolist()]
                 for b, budget in enumerate(self.budgets)}
 
-    def search(self, problems, generator, verifier, *, budget: int, seed: int | None = None,
-               progress: bool = False) -> SearchResult:
+    def search(self, problems: Sequence[str], generator: Generator, verifier: StepVerifier, *, budget: int,
+               seed: int | None = None, progress: bool = False) -> SearchResult:
         """Estimate every problem's difficulty, then search each with its bin's strategy at ``budget``.
 
         Problems that get the same strategy are searched together in one batch.

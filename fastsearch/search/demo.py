@@ -131,7 +131,8 @@ def _plot(path: pathlib.Path, accuracy, budgets) -> pathlib.Path:
             axis.plot(budgets, rows[panel], marker="o", label=name, **style)
         axis.set_xscale("log", base=2)
         axis.set_xticks(budgets, [str(b) for b in budgets])
-        axis.set_title("all problems" if panel == "all" else f"{panel} (1 easiest)")
+        axis.set_title({"all": "all problems", "level 1": "level 1 (easiest)",
+                        f"level {reasoning.LEVELS}": f"level {reasoning.LEVELS} (hardest)"}.get(panel, panel))
         axis.set_ylim(-0.02, 1.02)
         axis.grid(alpha=0.3)
     for axis in axes[-1]:
