@@ -12,13 +12,8 @@ diffusers = pytest.importorskip("diffusers")
 flow_euler_module = pytest.importorskip("diffusers.schedulers.scheduling_flow_match_euler_discrete")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are small: on a loaded machine intra-op threads only add wake-up latency (seconds per test)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# small tensors: on a loaded machine intra-op threads only add wake-up latency (seconds per test)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(x, level, **cond):

@@ -23,13 +23,8 @@ VERIFIER = gmm.ModeLogDensity(MIXTURE)  # log-density of the rare mode
 ALPHAS_CUMPROD = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000), 0)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are small: on a loaded machine intra-op threads only add wake-up latency (seconds per test)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# small tensors: on a loaded machine intra-op threads only add wake-up latency (seconds per test)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Counting:

@@ -9,14 +9,8 @@ import torch
 from fastsearch.diffusion import DDIMSampler, FlowSampler
 from fastsearch.models import gmm
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are small: on a loaded machine intra-op threads only add wake-up latency (seconds per test)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# small tensors: on a loaded machine intra-op threads only add wake-up latency (seconds per test)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _mixture(dim=3):
