@@ -117,7 +117,31 @@ def test_prm_errors(tokenizer, prm_model):
     prm = HFProcessRewardModel(prm_model, tokenizer, TAG, "+", "-")
     with pytest.raises(ValueError, match="one problem per candidate"):
         prm.score(["a", "b"], [["x"]])
-    with pytest.raises(ValueError, match="candidate 1: found 2 step tags"):
-        prm.score(["a", "b"], [["x"], [f"y {TAG}"]])
+    # a tag inside a step is dropped, so each step still ends at its own tag
+    tagged, _ = prm.score(["a", "b"], [["x"], [f"y {TAG}z"]])
+    plain, _ = prm.score(["a", "b"], [["x"], ["y z"]])
+    torch.testing.assert_close(tagged, plain)
     with pytest.raises(ValueError, match="how must be one of"):
         HFProcessRewardModel(prm_model, tokenizer, TAG, "+", "-", how="median")
+
+
+@pytest.mark.parametrize("algorithm", ["best_of_n", "beam_search"])
+def test_search_end_to_end_on_tiny_models(tokenizer, generator_model, prm_model, algorithm):
+    """A whole search with both adapters: real generate calls, PRM scores from hidden states."""
+    from fastsearch.search import beam_search, best_of_n
+
+    generator = HFGenerator(generator_model, tokenizer, batch_size=16)
+    prm = HFProcessRewardModel(prm_model, tokenizer, TAG, "+", "-", batch_size=8)
+    problems = ["1+1=", "2+3=", "abc"]
+    if algorithm == "best_of_n":
+        result = best_of_n(problems, generator, prm, n=4, max_tokens=10, step_delimiter="\n", seed=0)
+    else:
+        result = beam_search(problems, generator, prm, n=4, beam_width=2, max_steps=3, max_tokens=6,
+                             step_delimiter="\n", seed=0)
+    assert len(result.completions) == 3 and result.offsets.shape == (4,)
+    assert result.spent.generator_calls >= 1 and result.spent.verifier_calls >= 1
+    for g in range(3):
+        start, end = int(result.offsets[g]), int(result.offsets[g + 1])
+        assert start <= int(result.chosen[g]) < end
+        assert result.completions[g] == result.candidates[int(result.chosen[g])]
+    assert torch.isfinite(result.scores).any()

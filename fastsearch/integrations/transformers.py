@@ -141,8 +141,9 @@ class HFProcessRewardModel:
     """A ``StepVerifier`` for a Math-Shepherd-style PRM, scored on hidden states without vocabulary logits.
 
     Each candidate becomes ``problem + sep + step_1 + " " + step_tag + sep + step_2 + " " + step_tag ...``
-    (``sep = step_separator``); the score of step i is ``softmax(l_good, l_bad)[good]`` at the i-th tag,
-    computed by :func:`fastsearch.prm_scores` from the last hidden states and the two LM-head rows.
+    (``sep = step_separator``; tags inside the texts are dropped first); the score of step i is
+    ``softmax(l_good, l_bad)[good]`` at the i-th tag, computed by :func:`fastsearch.prm_scores` from the
+    last hidden states and the two LM-head rows.
 
     Args:
         model: a transformers causal LM (the PRM).
@@ -179,8 +180,11 @@ class HFProcessRewardModel:
         return ids[0]
 
     def format(self, problem: str, steps: Sequence[str]) -> str:
-        """The text the PRM reads for one candidate."""
-        return problem + "".join(f"{self.step_separator}{step} {self.step_tag}" for step in steps)
+        """The text the PRM reads for one candidate. The tag is removed from the problem and step texts
+        (a generator can emit it), so that tag i is the end of step i."""
+        tag = self.step_tag
+        return problem.replace(tag, "") + "".join(f"{self.step_separator}{step.replace(tag, '')} {tag}"
+                                                  for step in steps)
 
     def score(self, problems: Sequence[str], step_lists: Sequence[Sequence[str]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Step scores of every candidate, packed.
