@@ -5,7 +5,13 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 
+import fastsearch  # noqa: E402
+from fastsearch.diffusion import DDIMSampler  # noqa: E402
+from fastsearch.diffusion.samplers import derive_seed  # noqa: E402
+from fastsearch.diffusion.search import _path_schedule  # noqa: E402
+from fastsearch.integrations import diffusers as integration  # noqa: E402
 from fastsearch.integrations.diffusers import FastDDIMScheduler, search_pipeline  # noqa: E402
+from fastsearch.models import gmm  # noqa: E402
 from fastsearch.models.digits import one_thread  # noqa: E402
 
 
@@ -97,9 +103,6 @@ def test_zero_order_search_through_a_pipeline(kandinsky):
 def test_search_pipeline_bad_input(kandinsky, unet):
     with pytest.raises(ValueError, match="algorithm must be one of"):
         search_pipeline(kandinsky, brightness, "beam", num_candidates=2, **_request())
-    for algorithm in ("paths", "fk"):
-        with pytest.raises(NotImplementedError, match=algorithm):
-            search_pipeline(kandinsky, brightness, algorithm, **_request())
     with pytest.raises(ValueError, match="does not take latents="):
         search_pipeline(diffusers.DDIMPipeline(unet, diffusers.DDIMScheduler()), brightness, num_candidates=2)
     with pytest.raises(ValueError, match="chosen by the search"):
@@ -113,3 +116,192 @@ def test_search_pipeline_bad_input(kandinsky, unet):
     with pytest.raises(ValueError, match="one score per image"):
         search_pipeline(kandinsky, lambda images: images.mean(), num_candidates=2, progress=False, **_request())
     assert "step" not in vars(kandinsky.scheduler)
+
+
+# -- search over paths and FK steering: one steered pipeline call --------------------------------------------------
+
+
+class GMMPipeline:
+    """A minimal pipeline with diffusers' loop (set_timesteps, model + step per timestep) around the exact
+    epsilon model of a Gaussian mixture: the searches through it can be checked against fastsearch.diffusion."""
+
+    def __init__(self, scheduler, mixture):
+        self.scheduler = scheduler
+        self.model = mixture.vp_model(scheduler.alphas_cumprod)
+
+    def __call__(self, num_inference_steps: int = 10, num_images_per_prompt: int = 1, generator=None, latents=None,
+                 output_type: str = "pt"):
+        self.scheduler.set_timesteps(num_inference_steps)
+        if latents is None:
+            latents = torch.randn(num_images_per_prompt, self.model.mixture.dim, generator=generator)
+        for t in self.scheduler.timesteps:
+            level = torch.full((latents.shape[0],), int(t), dtype=torch.int64)
+            latents = self.scheduler.step(self.model(latents, level), t, latents, generator=generator).prev_sample
+        return diffusers.ImagePipelineOutput(images=latents)
+
+
+@pytest.fixture(scope="module")
+def mixture():
+    return gmm.rare_mode_mixture(dim=4, rare_weight=0.1)
+
+
+def test_paths_through_a_pipeline_equal_the_sampler_reference(mixture):
+    """The steered call equals the same search written with DDIMSampler, renoise and segmented_topk."""
+    steps, n, m, seed = 10, 3, 2, 7
+    pipe = GMMPipeline(FastDDIMScheduler(clip_sample=False), mixture)
+    verifier = gmm.ModeLogDensity(mixture)
+    result = search_pipeline(pipe, verifier, "paths", num_paths=n, branches=m, seed=seed, decode=lambda x: x,
+                             progress=False, num_inference_steps=steps, generator=torch.Generator().manual_seed(3))
+
+    sampler = DDIMSampler.from_diffusers(pipe.scheduler, steps)
+    start, rounds = _path_schedule(steps)
+    x = torch.randn(n * m, mixture.dim, generator=torch.Generator().manual_seed(3))  # the pipeline's own draw
+    out = sampler.sample(pipe.model, x, stop=start)
+    x, x0 = out.sample, out.pred_original_sample
+    for index, (current, renoised, following) in enumerate(rounds):
+        keep = fastsearch.segmented_topk(verifier(x0)[None], n)[1][0]
+        branched = sampler.renoise(x[keep].repeat_interleave(m, dim=0), current, renoised,
+                                   seed=derive_seed(seed, integration._RENOISE, index))
+        out = sampler.sample(pipe.model, branched, start=renoised, stop=following)
+        x, x0 = out.sample, out.pred_original_sample
+    expected = verifier(x)
+    torch.testing.assert_close(result.scores[0], expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(result.score[0], expected.max(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(result.sample[0], x[expected.argmax()], rtol=1e-4, atol=1e-4)
+    plan = start + sum(following - renoised for _, renoised, following in rounds)
+    assert result.nfe == result.total_nfe == plan * n * m
+    assert result.verifier_calls == (len(rounds) + 1) * n * m
+    assert [entry["state"] for entry in result.history] == [start] + [following for _, _, following in rounds]
+    assert result.history[-1]["nfe"] == result.nfe
+    assert "set_timesteps" not in vars(pipe.scheduler) and "step" not in vars(pipe.scheduler)
+    assert len(pipe.scheduler.timesteps) == steps, "the stock timesteps are back"
+
+
+def test_fk_through_a_pipeline_steers_toward_the_reward(mixture):
+    verifier = gmm.ComponentPosterior(mixture)  # the rare mode, 10% of the mass
+    pipe = GMMPipeline(diffusers.DDIMScheduler(clip_sample=False), mixture)
+    runs = {lam: search_pipeline(pipe, verifier, "fk", num_particles=64, potential="r_t", lam=lam, resample_every=2,
+                                 seed=0, decode=lambda x: x, progress=False, num_inference_steps=10,
+                                 generator=torch.Generator().manual_seed(0)) for lam in (0.0, 5.0)}
+    plain, steered = runs[0.0], runs[5.0]
+    assert not any(bool(entry["resampled"].any()) for entry in plain.history), "lam = 0: uniform weights"
+    assert any(bool(entry["resampled"].any()) for entry in steered.history)
+    # about 7% of plain samples land in the rare mode; steered, most do (seeds 0-3 give 0.6 to 1.0)
+    assert steered.scores.mean() > plain.scores.mean() + 0.3, (steered.scores.mean(), plain.scores.mean())
+    for result in runs.values():
+        assert result.nfe == 10 * 64 and result.scores.shape == (1, 64)
+        assert [entry["step"] for entry in result.history] == [1, 3, 5, 7, 9]
+        assert result.verifier_calls == 5 * 64
+        torch.testing.assert_close(result.score, result.scores.max(dim=1).values, rtol=0, atol=0)
+    resampled = next(entry for entry in steered.history if bool(entry["resampled"].any()))
+    ancestors = resampled["ancestors"]
+    assert ancestors.shape == (1, 64) and int(ancestors.min()) >= 0 and int(ancestors.max()) < 64
+    # resampling follows the weights: the heaviest particle has descendants
+    assert int(resampled["log_weights"].argmax()) in ancestors.flatten().tolist()
+    again = search_pipeline(pipe, verifier, "fk", num_particles=64, potential="r_t", lam=5.0, resample_every=2, seed=0,
+                            decode=lambda x: x, progress=False, num_inference_steps=10,
+                            generator=torch.Generator().manual_seed(0))
+    assert torch.equal(again.scores, steered.scores)
+
+
+def _flow_ready(scheduler):
+    """Kandinsky multiplies its first latents by init_noise_sigma, which flow schedulers (sigma_max = 1) lack."""
+    scheduler.init_noise_sigma = 1.0
+    return scheduler
+
+
+@pytest.mark.parametrize("scheduler", ["fast_ddim", "ddpm", "flow"])
+def test_paths_and_fk_through_kandinsky(kandinsky, scheduler):
+    stock = kandinsky.scheduler
+    if scheduler == "ddpm":
+        kandinsky.scheduler = diffusers.DDPMScheduler()
+    elif scheduler == "flow":
+        kandinsky.scheduler = _flow_ready(diffusers.FlowMatchEulerDiscreteScheduler(stochastic_sampling=True))
+    try:
+        request = {**_request(), "num_inference_steps": 6}
+        paths = search_pipeline(kandinsky, brightness, "paths", num_paths=2, branches=2, seed=1, progress=False,
+                                **request)
+        start, rounds = _path_schedule(6)
+        plan = start + sum(following - renoised for _, renoised, following in rounds)
+        assert paths.scores.shape == (2, 4) and paths.nfe == plan * 4 and paths.total_nfe == 2 * plan * 4
+        torch.testing.assert_close(paths.score, paths.scores.max(dim=1).values, rtol=0, atol=0)
+        torch.testing.assert_close(brightness(paths.sample), paths.score)
+        fk = search_pipeline(kandinsky, brightness, "fk", num_particles=3, lam=50.0, resample_every=2, seed=1,
+                             progress=False, **request)
+        assert fk.scores.shape == (2, 3) and fk.nfe == 6 * 3 and fk.verifier_calls == 3 * 2 * 3
+        torch.testing.assert_close(brightness(fk.sample), fk.score)
+        assert "set_timesteps" not in vars(kandinsky.scheduler)
+    finally:
+        kandinsky.scheduler = stock
+
+
+def test_paths_and_fk_budgets_and_per_image_verifier_arguments(kandinsky):
+    request = {**_request(), "num_inference_steps": 6}
+    start, rounds = _path_schedule(6)
+    plan = start + sum(following - renoised for _, renoised, following in rounds)
+    seen = []
+
+    def labelled(images, label):
+        seen.append(label.clone())
+        return brightness(images) * label
+
+    label = torch.tensor([1.0, -1.0])
+    paths = search_pipeline(kandinsky, labelled, "paths", budget_nfe=plan * 2 * 2 + 1, branches=2, seed=0,
+                            progress=False, verifier_kwargs={"label": label}, **request)
+    assert paths.scores.shape == (2, 4), "budget // (plan x branches) = 2 paths"
+    assert all(torch.equal(rows, label.repeat_interleave(4)) for rows in seen), "each slot's label on its rows"
+    fk = search_pipeline(kandinsky, brightness, "fk", budget_nfe=6 * 3, seed=0, progress=False, **request)
+    assert fk.scores.shape == (2, 3)
+
+
+def test_paths_and_fk_bad_input(kandinsky, unet, mixture, monkeypatch):
+    request = {**_request(), "num_inference_steps": 6}
+    with pytest.raises(ValueError, match="exactly one of num_paths and budget_nfe"):
+        search_pipeline(kandinsky, brightness, "paths", progress=False, **request)
+    with pytest.raises(ValueError, match="start_level must be an int in"):
+        search_pipeline(kandinsky, brightness, "paths", num_paths=1, start_level=6, progress=False, **request)
+    with pytest.raises(ValueError, match="branches must be a positive int"):
+        search_pipeline(kandinsky, brightness, "paths", num_paths=1, branches=0, progress=False, **request)
+    with pytest.raises(ValueError, match="smaller than one particle"):
+        search_pipeline(kandinsky, brightness, "fk", budget_nfe=5, progress=False, **request)
+    with pytest.raises(ValueError, match="eta must be > 0"):
+        search_pipeline(kandinsky, brightness, "fk", num_particles=2, eta=0.0, progress=False, **request)
+    with pytest.raises(ValueError, match="potential must be one of"):
+        search_pipeline(kandinsky, brightness, "fk", num_particles=2, potential="sum", progress=False, **request)
+    with pytest.raises(ValueError, match="one torch.Generator"):
+        search_pipeline(kandinsky, brightness, "fk", num_particles=2, progress=False,
+                        **{**request, "generator": [torch.Generator(), torch.Generator()]})
+    with pytest.raises(ValueError, match="shaped like the pipeline's output"):
+        search_pipeline(kandinsky, brightness, "fk", num_particles=2, progress=False, decode=lambda x: x, **request)
+    with monkeypatch.context() as patch:  # a default decoder that the pipeline's own images contradict
+        stock_decoder = integration.default_decoder
+        patch.setattr(integration, "default_decoder", lambda pipe: lambda x: stock_decoder(pipe)(x) * 0.5 + 0.5)
+        with pytest.raises(ValueError, match="does not reproduce"):
+            search_pipeline(kandinsky, brightness, "fk", num_particles=2, progress=False, **request)
+    stock = kandinsky.scheduler
+    kandinsky.scheduler = diffusers.PNDMScheduler()
+    try:
+        with pytest.raises(ValueError, match="supports DDIMScheduler, DDPMScheduler"):
+            search_pipeline(kandinsky, brightness, "paths", num_paths=1, progress=False, **request)
+        kandinsky.scheduler = _flow_ready(diffusers.FlowMatchEulerDiscreteScheduler())
+        with pytest.raises(ValueError, match="stochastic_sampling=True"):
+            search_pipeline(kandinsky, brightness, "fk", num_particles=2, progress=False, **request)
+    finally:
+        kandinsky.scheduler = stock
+    with pytest.raises(ValueError, match="no default decoder"):
+        search_pipeline(GMMPipeline(diffusers.DDIMScheduler(), mixture), gmm.ModeLogDensity(mixture), "paths",
+                        num_paths=1, progress=False)
+    with pytest.raises(ValueError, match="num_images_per_prompt= or batch_size="):
+        search_pipeline(lambda_pipeline(kandinsky), brightness, "fk", num_particles=2, decode=lambda x: x,
+                        progress=False)
+    assert "step" not in vars(kandinsky.scheduler) and "set_timesteps" not in vars(kandinsky.scheduler)
+
+
+def lambda_pipeline(pipe):
+    """A pipeline-like callable without num_images_per_prompt or batch_size."""
+    class Plain:
+        scheduler = pipe.scheduler
+
+        def __call__(self, output_type: str = "pt"):
+            raise AssertionError("never called")
+    return Plain()

@@ -365,6 +365,27 @@ def _path_rounds(num_steps: int, start_level: int, forward: int, backward: int) 
     return rounds
 
 
+def _path_schedule(num_steps: int, start_level=None, forward_interval=None,
+                  backward_interval=None) -> tuple[int, list[tuple[int, int, int]]]:
+    """Checked options of search over paths on an N-step schedule, defaults filled in.
+
+    Returns:
+        ``(start_level, rounds)`` with one ``(state, re-noised state, next state)`` per round.
+    """
+    if num_steps < 2:
+        raise ValueError(f"search over paths needs a schedule of at least 2 steps, got num_steps={num_steps}")
+    start = num_steps // 2 if start_level is None else start_level
+    if isinstance(start, bool) or not isinstance(start, int) or not 1 <= start < num_steps:
+        raise ValueError(f"start_level must be an int in [1, num_steps - 1 = {num_steps - 1}], got {start!r}")
+    forward = max(1, num_steps // 10) if forward_interval is None else _positive_int("forward_interval",
+                                                                                       forward_interval)
+    backward = 2 * forward if backward_interval is None else _positive_int("backward_interval", backward_interval)
+    if backward <= forward:
+        raise ValueError(f"backward_interval ({backward}) must exceed forward_interval ({forward}), or the paths "
+                         "never reach the end")
+    return start, _path_rounds(num_steps, start, forward, backward)
+
+
 def paths_search(model: Callable, verifier: Callable, sampler: Sampler, shape, *, num_paths: int | None = None,
                  branches: int = 4, start_level: int | None = None, forward_interval: int | None = None,
                  backward_interval: int | None = None, budget_nfe: int | None = None, num_prompts: int | None = None,
@@ -396,19 +417,8 @@ def paths_search(model: Callable, verifier: Callable, sampler: Sampler, shape, *
     """
     def body(search: _Search) -> SearchResult:
         steps = sampler.num_steps
-        if steps < 2:
-            raise ValueError(f"paths_search needs a sampler with at least 2 steps, got num_steps={steps}")
         width = _positive_int("branches", branches)
-        start = steps // 2 if start_level is None else start_level
-        if isinstance(start, bool) or not isinstance(start, int) or not 1 <= start < steps:
-            raise ValueError(f"start_level must be an int in [1, num_steps - 1 = {steps - 1}], got {start!r}")
-        forward = max(1, steps // 10) if forward_interval is None else _positive_int("forward_interval",
-                                                                                       forward_interval)
-        backward = 2 * forward if backward_interval is None else _positive_int("backward_interval", backward_interval)
-        if backward <= forward:
-            raise ValueError(f"backward_interval ({backward}) must exceed forward_interval ({forward}), or the paths "
-                             "never reach the end")
-        rounds = _path_rounds(steps, start, forward, backward)
+        start, rounds = _path_schedule(steps, start_level, forward_interval, backward_interval)
         per_path = sampler.nfe(0, start) + width * sum(sampler.nfe(renoised, following)
                                                        for _, renoised, following in rounds)
         paths = _count("num_paths", num_paths, budget_nfe, per_path, "path")
@@ -435,6 +445,87 @@ def paths_search(model: Callable, verifier: Callable, sampler: Sampler, shape, *
 
     return _run_search(body, "paths_search", model, verifier, sampler, shape, cond, num_prompts=num_prompts,
                        batch_size=batch_size, seed=seed, device=device, dtype=dtype, progress=progress)
+
+
+class _ParticleWeights:
+    """FK steering's potentials and log-weights for P prompts x n particles (prompt-major rows), with their
+    ESS-triggered resampling: the bookkeeping of :func:`fk_steering`, shared with ``search_pipeline``.
+
+    Each :meth:`update` takes the scores of a scoring step and returns that step's history entry; after an
+    intermediate one, :meth:`resample` resamples the prompts whose effective sample size fell below
+    ``ess_threshold * n`` and returns the flat ancestor of every row, by which the caller reorders its particles.
+    """
+
+    @staticmethod
+    def check_options(potential: str, lam: float, ess_threshold: float) -> None:
+        if potential not in POTENTIALS:
+            raise ValueError(f"potential must be one of {list(POTENTIALS)}, got {potential!r}")
+        if not float(lam) >= 0:
+            raise ValueError(f"lam must be non-negative, got {lam}")
+        if not 0.0 <= float(ess_threshold) <= 1.0:
+            raise ValueError(f"ess_threshold must be in [0, 1], got {ess_threshold}")
+
+    def __init__(self, num_prompts: int, particles: int, potential: str, lam: float, ess_threshold: float,
+                 device: torch.device):
+        self.check_options(potential, lam, ess_threshold)
+        self.num_prompts, self.particles = num_prompts, particles
+        self.potential, self.lam, self.ess_threshold = potential, float(lam), float(ess_threshold)
+        rows = num_prompts * particles
+        # the potential's running statistic of each path, the log-weights, and the log of the product of the
+        # potentials applied so far (which the final potential divides out)
+        self.statistic = torch.full((rows,), -math.inf if potential == "max" else 0.0, device=device)
+        self.log_weights = torch.zeros(rows, device=device)
+        self.log_potential_total = torch.zeros(rows, device=device)
+        self.identity = torch.arange(rows, device=device).view(num_prompts, particles)
+
+    def update(self, scores: torch.Tensor, *, step: int, nfe: int, final: bool) -> dict:
+        """Apply the potentials of [P * n] ``scores`` (the final samples' when ``final``); returns the history
+        entry ``{"step", "nfe", "scores", "log_weights", "ess": None, "resampled", "ancestors": None,
+        "best_score"}``."""
+        reward = _selectable(scores)
+        lam = self.lam
+        if final:
+            increment = lam * reward - self.log_potential_total
+        elif self.potential == "max":
+            self.statistic = torch.maximum(self.statistic, reward)
+            increment = lam * self.statistic
+        elif self.potential == "add":
+            self.statistic = self.statistic + reward
+            increment = lam * self.statistic
+        elif self.potential == "diff":
+            increment = lam * (reward - self.statistic)
+            self.statistic = reward
+        else:
+            increment = lam * reward
+        increment = _selectable(increment)  # lam = 0 times -inf, or -inf - -inf, count as impossible
+        self.log_weights = _selectable(self.log_weights + increment)
+        self.log_potential_total = self.log_potential_total + increment
+        grouped_scores = scores.view(self.num_prompts, self.particles)
+        return {"step": step, "nfe": nfe, "scores": grouped_scores,
+                "log_weights": self.log_weights.view(self.num_prompts, self.particles).clone(), "ess": None,
+                "resampled": torch.zeros(self.num_prompts, dtype=torch.bool, device=scores.device),
+                "ancestors": None, "best_score": grouped_scores.flatten()[_best(grouped_scores)]}
+
+    def resample(self, entry: dict, *, seed: int) -> torch.Tensor | None:
+        """Resample (systematic) the prompts whose ESS is low, after an intermediate :meth:`update` whose
+        ``entry`` gets ``"ess"``, ``"resampled"`` and ``"ancestors"``. Returns the [P * n] flat ancestor of every
+        row, or None when no prompt resamples; resampled prompts restart their log-weights at 0."""
+        grouped = self.log_weights.view(self.num_prompts, self.particles)
+        ess = fastsearch.effective_sample_size(grouped)
+        alive = torch.isfinite(grouped).any(dim=1)
+        resampled = (ess < self.ess_threshold * self.particles) & alive
+        entry["ess"], entry["resampled"] = ess, resampled
+        if not bool(resampled.any()):
+            return None
+        drawn = fastsearch.resample(torch.where(alive[:, None], grouped, torch.zeros_like(grouped)), self.particles,
+                                    method="systematic", seed=seed)
+        ancestors = torch.where(resampled[:, None], drawn, self.identity)
+        entry["ancestors"] = ancestors
+        flat = ancestors.flatten()
+        self.statistic = self.statistic[flat]
+        self.log_potential_total = self.log_potential_total[flat]
+        self.log_weights = torch.where(resampled.repeat_interleave(self.particles), 0.0, self.log_weights[flat])
+        return flat
 
 
 def fk_steering(model: Callable, verifier: Callable, sampler: Sampler, shape, *, num_particles: int | None = None,
@@ -482,25 +573,16 @@ def fk_steering(model: Callable, verifier: Callable, sampler: Sampler, shape, *,
         if not sampler.stochastic:
             raise ValueError(f"fk_steering needs a stochastic sampler (DDIMSampler with eta > 0, or FlowSampler with "
                              f"stochastic=True); sampler is {sampler!r}")
-        if potential not in POTENTIALS:
-            raise ValueError(f"potential must be one of {list(POTENTIALS)}, got {potential!r}")
-        if not float(lam) >= 0:
-            raise ValueError(f"lam must be non-negative, got {lam}")
-        if not 0.0 <= float(ess_threshold) <= 1.0:
-            raise ValueError(f"ess_threshold must be in [0, 1], got {ess_threshold}")
+        _ParticleWeights.check_options(potential, lam, ess_threshold)
         steps = sampler.num_steps
         every = max(1, steps // 10) if resample_every is None else _positive_int("resample_every", resample_every)
         per_sample = sampler.nfe()
         particles = _count("num_particles", num_particles, budget_nfe, per_sample, "sample")
         search.start(particles * per_sample)
-        num_prompts, total_rows = search.num_prompts, search.num_prompts * particles
+        num_prompts = search.num_prompts
         prompts = search.prompt_rows(particles)
+        weights = _ParticleWeights(num_prompts, particles, potential, lam, ess_threshold, search.device)
         x = search.noise(particles, _NOISE)
-        initial = -math.inf if potential == "max" else 0.0
-        statistic = torch.full((total_rows,), initial, device=search.device)
-        log_weights = torch.zeros(total_rows, device=search.device)
-        log_potential_total = torch.zeros(total_rows, device=search.device)
-        identity = torch.arange(total_rows, device=search.device).view(num_prompts, particles)
         history = []
         for step in range(steps):
             out = search.denoise(x, prompts, step, step + 1, _STEPS, step)
@@ -509,44 +591,11 @@ def fk_steering(model: Callable, verifier: Callable, sampler: Sampler, shape, *,
             if not final and (step + 1) % every:
                 continue
             scores = search.score(x if final else out.pred_original_sample, prompts)
-            reward = _selectable(scores)
-            if final:
-                increment = lam * reward - log_potential_total
-            elif potential == "max":
-                statistic = torch.maximum(statistic, reward)
-                increment = lam * statistic
-            elif potential == "add":
-                statistic = statistic + reward
-                increment = lam * statistic
-            elif potential == "diff":
-                increment = lam * (reward - statistic)
-                statistic = reward
-            else:
-                increment = lam * reward
-            increment = _selectable(increment)  # lam = 0 times -inf, or -inf - -inf, count as impossible
-            log_weights = _selectable(log_weights + increment)
-            log_potential_total = log_potential_total + increment
-            grouped = log_weights.view(num_prompts, particles)
-            entry = {"step": step, "nfe": search.nfe, "scores": scores.view(num_prompts, particles),
-                     "log_weights": grouped.clone(), "ess": None,
-                     "resampled": torch.zeros(num_prompts, dtype=torch.bool, device=search.device),
-                     "ancestors": None, "best_score": scores.view(num_prompts, particles).flatten()[
-                         _best(scores.view(num_prompts, particles))]}
+            entry = weights.update(scores, step=step, nfe=search.nfe, final=final)
             if not final:
-                ess = fastsearch.effective_sample_size(grouped)
-                alive = torch.isfinite(grouped).any(dim=1)
-                resampled = (ess < float(ess_threshold) * particles) & alive
-                entry["ess"], entry["resampled"] = ess, resampled
-                if bool(resampled.any()):
-                    drawn = fastsearch.resample(torch.where(alive[:, None], grouped, torch.zeros_like(grouped)),
-                                                particles, method="systematic",
-                                                seed=derive_seed(search.seed, _RESAMPLE, step))
-                    ancestors = torch.where(resampled[:, None], drawn, identity)
-                    entry["ancestors"] = ancestors
-                    flat = ancestors.flatten()
-                    x, statistic = x[flat], statistic[flat]
-                    log_potential_total = log_potential_total[flat]
-                    log_weights = torch.where(resampled.repeat_interleave(particles), 0.0, log_weights[flat])
+                ancestors = weights.resample(entry, seed=derive_seed(search.seed, _RESAMPLE, step))
+                if ancestors is not None:
+                    x = x[ancestors]
             history.append(entry)
         final_scores = scores.view(num_prompts, particles)
         best = _best(final_scores)
