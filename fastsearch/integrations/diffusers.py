@@ -495,6 +495,7 @@ class _Driver:
         self.plan = None
         self.position = 0
         self.final_latents = None
+        self._step_signature = None
 
     # -- hooks ---------------------------------------------------------------------------------------------------
 
@@ -516,8 +517,9 @@ class _Driver:
     def step(self, stock_step, args, kwargs):
         if self.plan is None:
             raise RuntimeError("the pipeline stepped its scheduler before calling set_timesteps")
-        bound = inspect.signature(stock_step).bind(*args, **kwargs)
-        arguments = bound.arguments
+        if self._step_signature is None:
+            self._step_signature = inspect.signature(stock_step)
+        arguments = self._step_signature.bind(*args, **kwargs).arguments
         model_output, timestep, sample = arguments["model_output"], arguments["timestep"], arguments["sample"]
         if self.position >= len(self.plan):
             raise RuntimeError(f"the pipeline stepped more than the {len(self.plan)} planned times")
