@@ -6,22 +6,28 @@
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <string>
 
 #include "common/schedule.h"
 
 namespace fastsearch {
 
+// A dtype as Python writes it ("torch.float16"), so that the messages read as the Python checks' do.
+inline std::string python_dtype(at::ScalarType dtype) {
+  return "torch." + std::string(c10::getDtypeNames(dtype).first);
+}
+
 inline void check_sample(const at::Tensor& sample, const char* name = "sample") {
   const auto dtype = sample.scalar_type();
   TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, name,
-                   " must be float32, float16 or bfloat16, got ", dtype);
+                   " must be float32, float16 or bfloat16, got ", python_dtype(dtype));
   TORCH_CHECK_VALUE(sample.dim() >= 1, name, " must have a batch dimension, got a 0-d tensor");
 }
 
 // `tensor` must look exactly like `sample`: same dtype, shape and device.
 inline void check_like(const at::Tensor& tensor, const at::Tensor& sample, const char* name) {
-  TORCH_CHECK_TYPE(tensor.scalar_type() == sample.scalar_type(), name, " has dtype ", tensor.scalar_type(),
-                   " but sample has dtype ", sample.scalar_type());
+  TORCH_CHECK_TYPE(tensor.scalar_type() == sample.scalar_type(), name, " has dtype ",
+                   python_dtype(tensor.scalar_type()), " but sample has dtype ", python_dtype(sample.scalar_type()));
   TORCH_CHECK_VALUE(tensor.sizes() == sample.sizes(), name, " has shape ", tensor.sizes(),
                     " but sample has shape ", sample.sizes());
   TORCH_CHECK_VALUE(tensor.device() == sample.device(), name, " is on ", tensor.device(),
@@ -30,7 +36,8 @@ inline void check_like(const at::Tensor& tensor, const at::Tensor& sample, const
 
 inline void check_schedule(const std::optional<at::Tensor>& tensor, const at::Tensor& sample, const char* name) {
   if (!tensor.has_value()) return;
-  TORCH_CHECK_TYPE(tensor->scalar_type() == at::kFloat, name, " must be float32, got ", tensor->scalar_type());
+  TORCH_CHECK_TYPE(tensor->scalar_type() == at::kFloat, name, " must be float32, got ",
+                   python_dtype(tensor->scalar_type()));
   TORCH_CHECK_VALUE(tensor->device() == sample.device(), name, " is on ", tensor->device(),
                     " but sample is on ", sample.device());
   TORCH_CHECK_VALUE(tensor->dim() == 1 && (tensor->numel() == 1 || tensor->numel() == sample.size(0)), name,

@@ -13,6 +13,7 @@
 #include <optional>
 #include <string>
 
+#include "common/checks.h"
 #include "common/select_checks.h"
 
 namespace fastsearch {
@@ -21,11 +22,6 @@ namespace fastsearch {
 constexpr int64_t kMaxHeadRows = 8;
 // aggregate_steps' `how`: last, min, prod, mean, max, logit_sum.
 constexpr int64_t kNumAggregations = 6;
-
-// A dtype as Python writes it ("torch.float16"), so that the messages read as the Python checks' do.
-inline std::string python_dtype(at::ScalarType dtype) {
-  return "torch." + std::string(c10::getDtypeNames(dtype).first);
-}
 
 inline void check_float_data(const char* name, const at::Tensor& tensor) {
   const auto dtype = tensor.scalar_type();

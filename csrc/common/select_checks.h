@@ -11,6 +11,8 @@
 #include <initializer_list>
 #include <optional>
 
+#include "common/checks.h"
+
 namespace fastsearch {
 
 // Dense [G, C] without offsets, or flat [T] with int64 offsets [G + 1] (0 ... T, non-decreasing).
@@ -21,7 +23,7 @@ inline void check_groups(const char* name, const at::Tensor& values, const std::
     return;
   }
   TORCH_CHECK_TYPE(offsets->scalar_type() == at::kLong, "offsets must be an int64 tensor, got ",
-                   offsets->scalar_type());
+                   python_dtype(offsets->scalar_type()));
   TORCH_CHECK_VALUE(offsets->dim() == 1 && offsets->numel() >= 1, "offsets must have shape [G + 1], got ",
                     offsets->sizes());
   TORCH_CHECK_VALUE(values.dim() == 1, name, " must be flat [T] when offsets are given, got shape ", values.sizes());
@@ -44,7 +46,7 @@ inline void check_like_groups(const char* name, const std::optional<at::Tensor>&
   if (!tensor.has_value()) return;
   bool allowed = false;
   for (const at::ScalarType dtype : dtypes) allowed = allowed || tensor->scalar_type() == dtype;
-  TORCH_CHECK_TYPE(allowed, name, " must be ", kind, ", got ", tensor->scalar_type());
+  TORCH_CHECK_TYPE(allowed, name, " must be ", kind, ", got ", python_dtype(tensor->scalar_type()));
   TORCH_CHECK_VALUE(tensor->sizes() == values.sizes(), name, " has shape ", tensor->sizes(),
                     " but the scores have shape ", values.sizes());
   TORCH_CHECK_VALUE(tensor->device() == values.device(), name, " is on ", tensor->device(),
@@ -54,7 +56,7 @@ inline void check_like_groups(const char* name, const std::optional<at::Tensor>&
 inline void check_scores(const char* name, const at::Tensor& scores) {
   const auto dtype = scores.scalar_type();
   TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kDouble, name,
-                   " must be a floating-point tensor, got ", dtype);
+                   " must be a floating-point tensor, got ", python_dtype(dtype));
 }
 
 inline void check_at_least_one(const char* name, int64_t value) {
@@ -111,7 +113,7 @@ inline void check_vote_args(const at::Tensor& answer_keys, const std::optional<a
                             const std::optional<at::Tensor>& offsets, const std::optional<at::Tensor>& mask,
                             int64_t mode) {
   TORCH_CHECK_TYPE(answer_keys.scalar_type() == at::kLong, "answer_keys must be an int64 tensor, got ",
-                   answer_keys.scalar_type());
+                   python_dtype(answer_keys.scalar_type()));
   check_groups("answer_keys", answer_keys, offsets);
   TORCH_CHECK_VALUE(mode >= 0 && mode <= 2, "mode must be 0 (majority), 1 (weighted) or 2 (max), got ", mode);
   TORCH_CHECK_VALUE(mode == 0 || scores.has_value(), "weighted and max voting need scores");
@@ -124,7 +126,7 @@ inline void check_vote_args(const at::Tensor& answer_keys, const std::optional<a
 
 inline void check_sequence_keys_args(const at::Tensor& token_ids, const at::Tensor& offsets) {
   TORCH_CHECK_TYPE(token_ids.scalar_type() == at::kLong || token_ids.scalar_type() == at::kInt,
-                   "token_ids must be an int64 or int32 tensor, got ", token_ids.scalar_type());
+                   "token_ids must be an int64 or int32 tensor, got ", python_dtype(token_ids.scalar_type()));
   check_groups("token_ids", token_ids, offsets);
 }
 

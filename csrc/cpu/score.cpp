@@ -39,8 +39,12 @@ constexpr float kNormEps = 1e-12f;
 
 // Columns of a hidden row per work item: 4 KiB of fp32, so that a step of a large H splits into several items.
 constexpr int64_t kHiddenChunk = 1024;
-// Work, in units of a few nanoseconds (a step score, a group member), that each thread gets at least.
-constexpr int64_t kGrainWork = 2048;
+// Work, in nanoseconds, that each thread of a parallel loop gets at least. A fork-join of at::parallel_for
+// costs 1 to 2 us while the pool's threads spin, and 10 to 20 us once they sleep, as they usually have
+// between the steps of a search (a step waits for the model); below this, one thread does it all.
+constexpr double kGrainNanoseconds = 20000.0;
+// About what a step score costs (chunk sums and a softmax over a few logits), in nanoseconds on one core.
+constexpr double kStepScoreNanoseconds = 10.0;
 
 // Borrowed views where the inputs are already contiguous (the usual case): no dispatcher round trip.
 using Contiguous = c10::MaybeOwned<at::Tensor>;
@@ -73,12 +77,20 @@ Spans ragged_spans(const at::Tensor& offsets, int64_t total) {
   return Spans{offsets.const_data_ptr<int64_t>(), offsets.numel() - 1, 0, total};
 }
 
-// Calls body(span, begin, size) for every span, in parallel over spans; an element costs `unit_cost` units.
+// About what a span costs on one core, in nanoseconds: per element, and per span (measured with AVX2).
+struct SpanCost {
+  double per_element;
+  double per_span;
+};
+
+// Calls body(span, begin, size) for every span, in parallel over spans.
 template <typename Body>
-void for_each_span(const Spans& spans, int64_t unit_cost, const Body& body) {
+void for_each_span(const Spans& spans, SpanCost cost, const Body& body) {
   if (spans.count == 0) return;
-  const int64_t per_span = std::max<int64_t>(1, (spans.total / spans.count + 1) * unit_cost);
-  at::parallel_for(0, spans.count, std::max<int64_t>(1, kGrainWork / per_span), [&](int64_t first, int64_t last) {
+  const double mean_size = static_cast<double>(spans.total) / static_cast<double>(spans.count);
+  const double per_span = std::max(cost.per_element * mean_size + cost.per_span, 1.0);
+  const int64_t grain = std::max<int64_t>(1, static_cast<int64_t>(kGrainNanoseconds / per_span));
+  at::parallel_for(0, spans.count, grain, [&](int64_t first, int64_t last) {
     for (int64_t span = first; span < last; ++span) body(span, spans.begin(span), spans.size(span));
   });
 }
@@ -151,6 +163,10 @@ float aggregate(const scalar_t* x, int64_t size, int64_t how, float empty) {
       return logit_sum(x, size);
   }
 }
+
+// About what aggregate costs per step and per candidate: logit_sum takes a log and a log1p per step, on
+// whole vectors; the others a compare or an add.
+SpanCost aggregation_cost(int64_t how) { return how == 5 ? SpanCost{3.0, 50.0} : SpanCost{0.5, 3.0}; }
 
 // -- PRM head --------------------------------------------------------------------------------------------
 
@@ -323,7 +339,8 @@ at::Tensor prm_step_scores(const at::Tensor& hidden_states, const at::Tensor& st
   const int64_t num_steps = step_positions.numel();
   at::Tensor scores = empty_float(num_steps);
   float* scores_out = scores.mutable_data_ptr<float>();
-  at::parallel_for(0, num_steps, kGrainWork, [&](int64_t first, int64_t last) {
+  const int64_t grain = static_cast<int64_t>(kGrainNanoseconds / kStepScoreNanoseconds);
+  at::parallel_for(0, num_steps, grain, [&](int64_t first, int64_t last) {
     for (int64_t step = first; step < last; ++step) scores_out[step] = step_score(head, logits, step);
   });
   return scores;
@@ -347,7 +364,9 @@ std::tuple<at::Tensor, at::Tensor> prm_scores(const at::Tensor& hidden_states, c
   float* candidates_out = candidate_scores.mutable_data_ptr<float>();
   const float empty_score = empty.has_value() ? static_cast<float>(*empty) : kNaN;
   // Each candidate finishes its own steps, then aggregates them while they are in cache.
-  for_each_span(candidates, 4 + head.rows, [&](int64_t candidate, int64_t begin, int64_t size) {
+  const SpanCost aggregation = aggregation_cost(how);
+  const SpanCost cost{kStepScoreNanoseconds + aggregation.per_element, aggregation.per_span};
+  for_each_span(candidates, cost, [&](int64_t candidate, int64_t begin, int64_t size) {
     for (int64_t step = begin; step < begin + size; ++step) steps_out[step] = step_score(head, logits, step);
     candidates_out[candidate] = aggregate(steps_out + begin, size, how, empty_score);
   });
@@ -368,7 +387,7 @@ at::Tensor aggregate_steps(const at::Tensor& step_scores, const std::optional<at
   const float empty_score = empty.has_value() ? static_cast<float>(*empty) : kNaN;
   AT_DISPATCH_V2(scores->scalar_type(), "aggregate_steps", AT_WRAP([&] {
     const scalar_t* data = scores->const_data_ptr<scalar_t>();
-    for_each_span(candidates, 1, [&](int64_t candidate, int64_t begin, int64_t size) {
+    for_each_span(candidates, aggregation_cost(how), [&](int64_t candidate, int64_t begin, int64_t size) {
       out_data[candidate] = aggregate(data + begin, size, how, empty_score);
     });
   }), at::kFloat, at::kDouble, at::kHalf, at::kBFloat16);
@@ -420,7 +439,9 @@ at::Tensor cosine_scores(const at::Tensor& embeddings, const at::Tensor& referen
     const scalar_t* ref_data = refs->const_data_ptr<scalar_t>();
     if (bounds->defined()) {
       const Spans groups = ragged_spans(*bounds, num);
-      for_each_span(groups, std::max<int64_t>(1, dim / 8), [&](int64_t group, int64_t begin, int64_t size) {
+      // A row costs three fused multiply-adds per column.
+      const SpanCost cost{0.15 * static_cast<double>(dim) + 5.0, 10.0};
+      for_each_span(groups, cost, [&](int64_t group, int64_t begin, int64_t size) {
         for (int64_t n = begin; n < begin + size; ++n) {
           out_data[n] = cosine(row_data + n * dim, ref_data + group * dim, dim);
         }
@@ -528,7 +549,9 @@ at::Tensor ensemble_scores(const at::Tensor& scores, const std::optional<at::Ten
 
   AT_DISPATCH_V2(values->scalar_type(), "ensemble_scores", AT_WRAP([&] {
     const scalar_t* data = values->const_data_ptr<scalar_t>();
-    for_each_span(groups, 8 * num_verifiers, [&](int64_t, int64_t begin, int64_t size) {
+    // A member costs, per verifier, its share of a sort (rank) or of three passes (zscore).
+    const SpanCost cost{static_cast<double>(num_verifiers) * (how == 0 ? 25.0 : 4.0), 50.0};
+    for_each_span(groups, cost, [&](int64_t, int64_t begin, int64_t size) {
       thread_local EnsembleScratch s;
       if (static_cast<int64_t>(s.values.size()) < size) {
         s.values.resize(size);

@@ -5,8 +5,10 @@
 // space that stays allocated between calls (a warm call allocates its outputs and nothing else).
 // Selection packs each selectable candidate's (key, index) pair into one integer whose order is the
 // contract's (larger key first, lower index on ties) and orders the best k with std::partial_sort or
-// std::nth_element; unselectable candidates (masked, finished, NaN) get a code that sorts last. Equal
-// int64 keys (beam_prune's dedup keys, vote's answers) are grouped by a small open-addressing table.
+// std::nth_element; unselectable candidates (masked, finished, NaN) get a code that sorts last. beam_prune
+// without dedup keys and k <= 8 (a beam search's usual call) finds its few best with vector min/max
+// instead, branch-free (take_best). Equal int64 keys (beam_prune's dedup keys, vote's answers) are grouped
+// by a small open-addressing table.
 // Weights are fp32 as in the reference (exp and pow from at::vec, which agree with torch's to an ulp or
 // two), and sums run in fp64, rounded once to fp32 (torch's cumsum does the same).
 #include <ATen/ATen.h>
@@ -20,6 +22,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <optional>
 #include <tuple>
@@ -113,18 +116,29 @@ Groups groups_of(const at::Tensor& values, const at::Tensor& offsets) {
   return groups;
 }
 
-// Work, in candidates (or samples, or tokens) of a few nanoseconds each, that each thread gets at least:
-// about 5 us, several times what a fork-join of at::parallel_for costs while its threads are warm.
-constexpr int64_t kGrainWork = 2048;
+// Work, in nanoseconds, that each thread of a parallel loop gets at least. A fork-join of at::parallel_for
+// costs 1 to 2 us while the pool's threads spin, and 10 to 20 us once they sleep, as they usually have
+// between the steps of a search (a step waits for the model); below this, one thread does it all.
+constexpr double kGrainNanoseconds = 20000.0;
 
-// Calls body(group, begin, size) for every group, in parallel over groups. A group costs about its size
-// plus extra_per_group units of work.
+// About what a group costs on one core, in nanoseconds: per candidate, and per group (measured with AVX2).
+struct GroupCost {
+  double per_candidate;
+  double per_group;
+};
+
+// The grain (in groups) of a parallel loop over `groups`.
+int64_t group_grain(const Groups& groups, GroupCost cost) {
+  const double mean_size = static_cast<double>(groups.total) / static_cast<double>(std::max<int64_t>(groups.count, 1));
+  const double per_group = std::max(cost.per_candidate * mean_size + cost.per_group, 1.0);
+  return std::max<int64_t>(1, static_cast<int64_t>(kGrainNanoseconds / per_group));
+}
+
+// Calls body(group, begin, size) for every group, in parallel over groups.
 template <typename Body>
-void for_each_group(const Groups& groups, int64_t extra_per_group, const Body& body) {
+void for_each_group(const Groups& groups, GroupCost cost, const Body& body) {
   if (groups.count == 0) return;
-  const int64_t per_group = std::max<int64_t>(1, groups.total / groups.count + extra_per_group);
-  const int64_t grain = std::max<int64_t>(1, kGrainWork / per_group);
-  at::parallel_for(0, groups.count, grain, [&](int64_t first, int64_t last) {
+  at::parallel_for(0, groups.count, group_grain(groups, cost), [&](int64_t first, int64_t last) {
     for (int64_t group = first; group < last; ++group) body(group, groups.begin(group), groups.size(group));
   });
 }
@@ -205,6 +219,244 @@ void order_best(Code* codes, int64_t size, int64_t count) {
   }
 }
 
+// -- few best of many ------------------------------------------------------------------------------------
+
+#if defined(__AVX2__)
+// rank_code's order of an fp32 key, the key part alone as a signed 32-bit integer: smaller is better, equal
+// keys tie. kNoKey (above every key: its pattern would be a NaN's) marks a candidate that is not selectable.
+constexpr int32_t kNoKey = std::numeric_limits<int32_t>::max();
+
+inline int32_t rank_key(float key) {
+  const int32_t bits = c10::bit_cast<int32_t>(key + 0.0f);  // -0.0 reads as +0.0
+  // As rank_code: negatives get all bits flipped, the others their sign bit; then complemented (larger
+  // first), and the top bit flipped so that signed order is the unsigned order of rank_code's key part.
+  const uint32_t ascending = static_cast<uint32_t>(bits) ^ (static_cast<uint32_t>(bits >> 31) | 0x80000000u);
+  return static_cast<int32_t>(ascending ^ 0x7FFFFFFFu);
+}
+
+// The rank code of a candidate with rank key `key` (not kNoKey): the bits rank_code(value, local) gives.
+inline RankCode<float> rank_code_of_key(int32_t key, int64_t local) {
+  return (static_cast<uint64_t>(static_cast<uint32_t>(key) ^ 0x80000000u) << 32) | static_cast<uint32_t>(local);
+}
+
+// Keys go 8 to a vector.
+constexpr int64_t kKeyLanes = 8;
+
+// k up to this many of a group are found by a network of vector min/max (below); more take order_best.
+constexpr int64_t kMaxNetworkK = 8;
+
+inline __m256i lane_indices() { return _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7); }
+
+// All ones in the lanes below `count`.
+inline __m256i lanes_below(int64_t count) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(count)), lane_indices());
+}
+
+// rank_key of 8 fp32 values, kNoKey in the lanes that `selectable` (all ones or zeros) leaves out.
+inline __m256i rank_keys(__m256 values, __m256i selectable) {
+  const __m256i bits = _mm256_castps_si256(_mm256_add_ps(values, _mm256_setzero_ps()));  // as rank_key
+  const __m256i spread = _mm256_srai_epi32(bits, 31);
+  const __m256i ascending = _mm256_xor_si256(bits, _mm256_or_si256(spread, _mm256_set1_epi32(INT32_MIN)));
+  const __m256i keys = _mm256_xor_si256(ascending, _mm256_set1_epi32(INT32_MAX));
+  return _mm256_blendv_epi8(_mm256_set1_epi32(kNoKey), keys, selectable);
+}
+
+// The K smallest keys seen in each of 8 lanes, sorted per lane (best[0] <= best[1] <= ...), kept by a
+// min/max insertion network: no branches, so no mispredictions, which otherwise dominate a top-k of a few
+// dozen candidates (a heap or a threshold test mispredicts on most insertions). After merge_lanes every
+// lane holds the K smallest of all keys seen.
+template <int K>
+struct LaneBest {
+  __m256i best[K];
+
+  LaneBest() {
+    for (int j = 0; j < K; ++j) best[j] = _mm256_set1_epi32(kNoKey);
+  }
+
+  void insert(__m256i keys) {
+    for (int j = 0; j < K; ++j) {
+      const __m256i low = _mm256_min_epi32(best[j], keys);
+      keys = _mm256_max_epi32(best[j], keys);
+      best[j] = low;
+    }
+  }
+
+  // Merges each lane's list with its partner lane's (partner(v) moves every lane to its partner's place):
+  // min(a_j, b_(K-1-j)) is a bitonic sequence of the K smallest of both sorted lists; half-cleaners sort it.
+  template <typename Partner>
+  void merge(const Partner& partner) {
+    __m256i merged[K];
+    for (int j = 0; j < K; ++j) merged[j] = _mm256_min_epi32(best[j], partner(best[K - 1 - j]));
+    for (int stride = K / 2; stride > 0; stride /= 2) {
+      for (int j = 0; j < K; ++j) {
+        if ((j & stride) != 0) continue;
+        const __m256i low = _mm256_min_epi32(merged[j], merged[j + stride]);
+        merged[j + stride] = _mm256_max_epi32(merged[j], merged[j + stride]);
+        merged[j] = low;
+      }
+    }
+    for (int j = 0; j < K; ++j) best[j] = merged[j];
+  }
+
+  void merge_lanes() {
+    merge([](__m256i v) { return _mm256_shuffle_epi32(v, _MM_SHUFFLE(2, 3, 0, 1)); });  // lanes 0 <-> 1, ...
+    merge([](__m256i v) { return _mm256_shuffle_epi32(v, _MM_SHUFFLE(1, 0, 3, 2)); });  // 0 <-> 2, ...
+    merge([](__m256i v) { return _mm256_permute2x128_si256(v, v, 1); });                // 0 <-> 4, ...
+  }
+
+  // The rank-th smallest (0-based, rank < K) of all keys seen, after merge_lanes.
+  int32_t smallest(int64_t rank) const {
+    int32_t value = kNoKey;
+    for (int j = 0; j < K; ++j) value = j == rank ? _mm256_cvtsi256_si32(best[j]) : value;
+    return value;
+  }
+};
+
+// The best min(k, selectable) of a group's candidates, best first, k <= K: emit(place, local, count) for
+// every place < count; returns count. keys: the group's rank keys, keys[size, size + 8) readable (their values
+// do not matter); codes: room for size (used when the k-th best ties with candidates past the k-th).
+template <int K, typename Emit>
+int64_t take_best(const int32_t* keys, int64_t size, int64_t k, RankCode<float>* codes, const Emit& emit) {
+  LaneBest<K> lanes;
+  int64_t start = 0;
+  for (; start + kKeyLanes <= size; start += kKeyLanes) {
+    lanes.insert(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys + start)));
+  }
+  if (start < size) {
+    const __m256i block = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys + start));
+    lanes.insert(_mm256_blendv_epi8(_mm256_set1_epi32(kNoKey), block, lanes_below(size - start)));
+  }
+  lanes.merge_lanes();
+  // Lane j < K: the j-th smallest key; the others kNoKey.
+  __m256i smallest = _mm256_set1_epi32(kNoKey);
+  for (int j = 0; j < K; ++j) {
+    smallest = _mm256_blendv_epi8(smallest, lanes.best[j], _mm256_cmpeq_epi32(lane_indices(), _mm256_set1_epi32(j)));
+  }
+  // The chosen: keys below the bound, the k-th smallest's successor (every selectable one when fewer
+  // than k are), all counted before any is placed.
+  const int32_t kth = lanes.smallest(k - 1);
+  const int32_t bound = kth == kNoKey ? kNoKey : kth + 1;
+  const __m256i below_bound = _mm256_set1_epi32(bound);
+  // Bit i: candidate word + i is chosen, for the 64 candidates from `word`.
+  const auto chosen_bits = [&](int64_t word) {
+    const int64_t word_size = std::min<int64_t>(64, size - word);
+    uint64_t bits = 0;
+    for (int64_t block = 0; block < word_size; block += kKeyLanes) {
+      const __m256i values = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys + word + block));
+      const int below = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(below_bound, values)));
+      bits |= static_cast<uint64_t>(below) << block;
+    }
+    return word_size < 64 ? bits & ((uint64_t{1} << word_size) - 1) : bits;
+  };
+  const uint64_t first_bits = chosen_bits(0);
+  int64_t found = __builtin_popcountll(first_bits);
+  for (int64_t word = 64; word < size && found <= k; word += 64) found += __builtin_popcountll(chosen_bits(word));
+  if (found > k) {  // the k-th ties with candidates past it: sort those out
+    int64_t tied = 0;
+    for (int64_t local = 0; local < size; ++local) {
+      if (keys[local] < bound) codes[tied++] = rank_code_of_key(keys[local], local);
+    }
+    order_best(codes, tied, k);
+    for (int64_t place = 0; place < k; ++place) emit(place, local_of(codes[place]), k);
+    return k;
+  }
+  // Exactly the chosen (k, or every selectable one), in index order. Each one's place is the number of
+  // smaller keys (all among the K smallest), plus the number of equal keys chosen before it: no sort, so
+  // no mispredicted branches.
+  __m256i chosen_keys = _mm256_set1_epi32(kNoKey);  // lane i: the i-th chosen one's key
+  int64_t placed = 0;
+  for (int64_t word = 0; word < size; word += 64) {
+    for (uint64_t bits = word == 0 ? first_bits : chosen_bits(word); bits != 0; bits &= bits - 1, ++placed) {
+      const int64_t local = word + __builtin_ctzll(bits);
+      const __m256i key = _mm256_set1_epi32(keys[local]);
+      const int smaller = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(key, smallest)));
+      const int equal = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(key, chosen_keys)));
+      emit(__builtin_popcount(static_cast<unsigned>(smaller)) + __builtin_popcount(static_cast<unsigned>(equal)),
+           local, found);
+      const __m256i lane = _mm256_cmpeq_epi32(lane_indices(), _mm256_set1_epi32(static_cast<int32_t>(placed)));
+      chosen_keys = _mm256_blendv_epi8(chosen_keys, key, lane);
+    }
+  }
+  return found;  // k, or every selectable one
+}
+
+// take_best for any k <= kMaxNetworkK.
+template <typename Emit>
+int64_t take_best_few(const int32_t* keys, int64_t size, int64_t k, RankCode<float>* codes, const Emit& emit) {
+  if (k <= 1) return take_best<1>(keys, size, k, codes, emit);
+  if (k <= 2) return take_best<2>(keys, size, k, codes, emit);
+  if (k <= 4) return take_best<4>(keys, size, k, codes, emit);
+  return take_best<8>(keys, size, k, codes, emit);
+}
+
+// keys[i] = rank_key(adjusted[i]), or kNoKey where flags[i] (finished; null: none) is set or adjusted[i] is
+// NaN, for i < count.
+void rank_keys_of(const float* adjusted, const uint8_t* flags, int64_t count, int32_t* keys) {
+  int64_t start = 0;
+  for (; start + kKeyLanes <= count; start += kKeyLanes) {
+    const __m256 value = _mm256_loadu_ps(adjusted + start);
+    __m256i selectable = _mm256_castps_si256(_mm256_cmp_ps(value, value, _CMP_ORD_Q));  // not NaN
+    if (flags != nullptr) {
+      uint64_t bytes;
+      std::memcpy(&bytes, flags + start, sizeof(bytes));
+      const __m256i flag = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(bytes)));
+      selectable = _mm256_andnot_si256(_mm256_cmpgt_epi32(flag, _mm256_setzero_si256()), selectable);
+    }
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(keys + start), rank_keys(value, selectable));
+  }
+  for (; start < count; ++start) {
+    const bool selectable = (flags == nullptr || flags[start] == 0) && !std::isnan(adjusted[start]);
+    keys[start] = selectable ? rank_key(adjusted[start]) : kNoKey;
+  }
+}
+
+// 8 scores as fp32, as static_cast<float> converts each (fp64: rounded to nearest; the others exact).
+template <typename scalar_t>
+inline __m256 load_scores(const scalar_t* in) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return _mm256_loadu_ps(in);
+  } else if constexpr (std::is_same_v<scalar_t, double>) {
+    return _mm256_set_m128(_mm256_cvtpd_ps(_mm256_loadu_pd(in + 4)), _mm256_cvtpd_ps(_mm256_loadu_pd(in)));
+  } else if constexpr (std::is_same_v<scalar_t, at::Half>) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in)));
+  } else {
+    static_assert(std::is_same_v<scalar_t, at::BFloat16>);
+    const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));  // bf16 is the top half of an fp32
+  }
+}
+
+// 8 int64 values as fp32 into `out`, if all fit in int32: AVX2 converts int32, not int64, to float, and
+// for such values narrowing first rounds the same integer to nearest as static_cast<float> does.
+inline bool narrow_to_float(const int64_t* in, __m256& out) {
+  const __m256i bias = _mm256_set1_epi64x(int64_t{1} << 31);  // fits in int32 <=> biased fits in uint32
+  const __m256i first = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(in));
+  const __m256i second = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(in + 4));
+  const __m256i biased = _mm256_or_si256(_mm256_add_epi64(first, bias), _mm256_add_epi64(second, bias));
+  if (!_mm256_testz_si256(biased, _mm256_set1_epi64x(~int64_t{0xFFFFFFFF}))) return false;
+  const __m256i low_words = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+  const __m256i narrowed = _mm256_permute2x128_si256(_mm256_permutevar8x32_epi32(first, low_words),
+                                                     _mm256_permutevar8x32_epi32(second, low_words), 0x20);
+  out = _mm256_cvtepi32_ps(narrowed);
+  return true;
+}
+
+// transform(static_cast<float>(in[i])) into out[i], for i < size; transform maps a FloatVec to a FloatVec.
+template <typename Transform>
+void int64_to_float(const int64_t* in, int64_t size, float* out, const Transform& transform) {
+  for (int64_t start = 0; start < size; start += kKeyLanes) {
+    const int64_t lanes = std::min(kKeyLanes, size - start);
+    __m256 narrowed;
+    if (lanes == kKeyLanes && narrow_to_float(in + start, narrowed)) {
+      transform(FloatVec(narrowed)).store(out + start);
+      continue;
+    }
+    for (int64_t i = start; i < start + lanes; ++i) out[i] = static_cast<float>(in[i]);
+    transform(FloatVec::loadu(out + start, lanes)).store(out + start, lanes);
+  }
+}
+#endif
+
 // The splitmix64 finaliser (sequence keys, and the key tables' slot choice).
 uint64_t mix64(uint64_t z) {
   z ^= z >> 30;
@@ -267,7 +519,7 @@ std::tuple<at::Tensor, at::Tensor> segmented_topk(const at::Tensor& scores, cons
     scalar_t* values_out = values.mutable_data_ptr<scalar_t>();
     int64_t* indices_out = indices.mutable_data_ptr<int64_t>();
     const scalar_t pad = static_cast<scalar_t>(largest ? -kInfinity : kInfinity);
-    for_each_group(groups, 0, [&](int64_t group, int64_t begin, int64_t size) {
+    for_each_group(groups, {1.25, 30.0}, [&](int64_t group, int64_t begin, int64_t size) {
       RankCode<Key>* candidates = room_for(thread_scratch<std::vector<RankCode<Key>>>(), size);
       const int64_t selectable = with_optional(mask_data != nullptr, [&](auto has_mask) {
         int64_t chosen_count = 0;
@@ -302,10 +554,11 @@ std::tuple<at::Tensor, at::Tensor> segmented_topk(const at::Tensor& scores, cons
 // and 0.5 its sqrt (torch's special cases, exact); any other exponent takes the vectorised pow of at::vec.
 enum class PenaltyForm { kNone, kLength, kSquare, kSquareRoot, kPower };
 
-// Integer lengths count tokens, so the lengths of a call span a short range: the conversion to fp32 (no
-// AVX2 instruction for int64) and the pow then run once per length of that range, into a table, rather
-// than once per candidate, with equal results. A table pays when the range holds at most half as many
-// lengths as the call has candidates.
+// Integer lengths count tokens, so the lengths of a call span a short range: a general pow (a few dozen
+// instructions per vector) then runs once per length of that range, into a table, rather than once per
+// candidate, with equal results. A table pays when the range holds at most half as many lengths as the
+// call has candidates. The other forms cost about what a table lookup does, and take no pass over the
+// lengths to find their range.
 constexpr int64_t kCandidatesPerTableEntry = 2;
 
 struct LengthPenalty {
@@ -316,37 +569,40 @@ struct LengthPenalty {
   const float* table = nullptr;  // the divisors of lengths table_first, table_first + 1, ..., or null
   int64_t table_first = 0;
 
+  // The divisors of 8 fp32 lengths.
+  FloatVec divisor(const FloatVec& length) const {
+    if (form == PenaltyForm::kSquare) return length * length;
+    if (form == PenaltyForm::kSquareRoot) return length.sqrt();
+    if (form == PenaltyForm::kPower) return length.pow(FloatVec(exponent));
+    return length;
+  }
+
   // divisors[i] = the divisor of the fp32 length lengths[i], for i < size (in place is fine).
   void divisors_of(const float* lengths_in, int64_t size, float* divisors) const {
-    const FloatVec power(exponent);
     for (int64_t start = 0; start < size; start += FloatVec::size()) {
       const int64_t lanes = std::min<int64_t>(FloatVec::size(), size - start);
-      const FloatVec length = FloatVec::loadu(lengths_in + start, lanes);
-      FloatVec divisor = length;
-      if (form == PenaltyForm::kSquare) {
-        divisor = length * length;
-      } else if (form == PenaltyForm::kSquareRoot) {
-        divisor = length.sqrt();
-      } else if (form == PenaltyForm::kPower) {
-        divisor = length.pow(power);
-      }
-      divisor.store(divisors + start, lanes);
+      divisor(FloatVec::loadu(lengths_in + start, lanes)).store(divisors + start, lanes);
     }
   }
 
-  // adjusted[i] /= the divisor of candidate begin + i, for i < size; scratch holds size floats. The
-  // divisors are gathered first, so that the divisions run as one vector loop.
-  void apply(int64_t begin, int64_t size, float* scratch, float* adjusted) const {
+  // divisors[i] = the divisor of candidate begin + i, for i < size.
+  void divisors_for(int64_t begin, int64_t size, float* divisors) const {
     if (table != nullptr) {
       AT_DISPATCH_V2(length_type, "length_table", AT_WRAP([&] {
         const scalar_t* in = static_cast<const scalar_t*>(lengths) + begin;
-        for (int64_t i = 0; i < size; ++i) scratch[i] = table[static_cast<int64_t>(in[i]) - table_first];
+        for (int64_t i = 0; i < size; ++i) divisors[i] = table[static_cast<int64_t>(in[i]) - table_first];
       }), AT_EXPAND(AT_INTEGRAL_TYPES));
-    } else {
-      to_float(length_type, lengths, begin, size, scratch);
-      divisors_of(scratch, size, scratch);
+      return;
     }
-    for (int64_t i = 0; i < size; ++i) adjusted[i] /= scratch[i];
+#if defined(__AVX2__)
+    if (length_type == at::kLong) {  // token counts, the usual lengths: converted and raised in one pass
+      int64_to_float(static_cast<const int64_t*>(lengths) + begin, size, divisors,
+                     [&](const FloatVec& length) { return divisor(length); });
+      return;
+    }
+#endif
+    to_float(length_type, lengths, begin, size, divisors);
+    divisors_of(divisors, size, divisors);
   }
 };
 
@@ -366,7 +622,9 @@ LengthPenalty length_penalty_of(const at::Tensor& lengths, double penalty, std::
   result.length_type = lengths.scalar_type();
   result.lengths = lengths.const_data_ptr();
   const int64_t total = lengths.numel();
-  if (!at::isIntegralType(result.length_type, false) || total == 0) return result;
+  if (result.form != PenaltyForm::kPower || !at::isIntegralType(result.length_type, false) || total == 0) {
+    return result;
+  }
   int64_t lowest = 0;
   int64_t highest = 0;
   AT_DISPATCH_V2(result.length_type, "length_range", AT_WRAP([&] {
@@ -392,9 +650,48 @@ LengthPenalty length_penalty_of(const at::Tensor& lengths, double penalty, std::
   return result;
 }
 
+#if defined(__AVX2__)
+// The fp32 adjusted scores and the rank keys of `count` candidates (a multiple of 8) in one vector loop:
+// scores converted, divided by their divisors (those of `lengths`, int64, when given; else those in
+// `divisors` when given; else none), keys kNoKey where `finished` (when given) or NaN.
+template <typename scalar_t>
+void adjust_and_rank(const scalar_t* scores, const LengthPenalty& penalty, const int64_t* lengths,
+                     const float* divisors, const uint8_t* finished, int64_t count, float* adjusted, int32_t* keys) {
+  for (int64_t start = 0; start < count; start += kKeyLanes) {
+    __m256 value = load_scores(scores + start);
+    if (lengths != nullptr) {
+      __m256 length;
+      if (!narrow_to_float(lengths + start, length)) {
+        alignas(32) float wide[kKeyLanes];
+        for (int64_t lane = 0; lane < kKeyLanes; ++lane) wide[lane] = static_cast<float>(lengths[start + lane]);
+        length = _mm256_load_ps(wide);
+      }
+      value = _mm256_div_ps(value, penalty.divisor(FloatVec(length)));
+    } else if (divisors != nullptr) {
+      value = _mm256_div_ps(value, _mm256_loadu_ps(divisors + start));
+    }
+    _mm256_storeu_ps(adjusted + start, value);
+    __m256i selectable = _mm256_castps_si256(_mm256_cmp_ps(value, value, _CMP_ORD_Q));  // not NaN
+    if (finished != nullptr) {
+      uint64_t bytes;
+      std::memcpy(&bytes, finished + start, sizeof(bytes));
+      const __m256i flag = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(bytes)));
+      selectable = _mm256_andnot_si256(_mm256_cmpgt_epi32(flag, _mm256_setzero_si256()), selectable);
+    }
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(keys + start), rank_keys(value, selectable));
+  }
+}
+#endif
+
+// Candidates prepared at a time: the fp32 scores, divisors and rank keys of a batch of whole groups stay in
+// L1. Each pass over a batch runs as one vector loop; per group, vector loads then read data stored long
+// before (a load over the partly stored tail of a group just written would wait for those stores).
+constexpr int64_t kBatchCandidates = 2048;
+
 struct BeamScratch {
-  std::vector<float> adjusted;
+  std::vector<float> adjusted;  // of a batch
   std::vector<float> divisors;
+  std::vector<int32_t> keys;    // rank keys of a batch (few_best)
   std::vector<RankCode<float>> candidates;
   std::vector<RankCode<float>> best_of_key;  // indexed by dedup-key id
   KeyIds key_ids;
@@ -416,6 +713,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> beam_prune(
   at::Tensor values = empty_output({groups.count, k}, at::kFloat);
   at::Tensor counts = empty_output({groups.count}, at::kLong);
   at::Tensor parents = empty_output({groups.count, refill_to}, at::kLong);
+  if (groups.count == 0) return {indices, values, counts, parents};
 
   const at::ScalarType score_type = x->scalar_type();
   const void* score_data = x->const_data_ptr();
@@ -427,13 +725,52 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> beam_prune(
   float* values_out = values.mutable_data_ptr<float>();
   int64_t* counts_out = counts.mutable_data_ptr<int64_t>();
   int64_t* parents_out = parents.mutable_data_ptr<int64_t>();
+#if defined(__AVX2__)
+  // Without dedup keys, the best few of a group come from take_best; otherwise from order_best.
+  const bool few_best = key_data == nullptr && k <= kMaxNetworkK;
+#else
+  const bool few_best = false;
+#endif
 
-  for_each_group(groups, 0, [&](int64_t group, int64_t begin, int64_t size) {
-    BeamScratch& s = thread_scratch<BeamScratch>();
-    float* adjusted = room_for(s.adjusted, size);
-    to_float(score_type, score_data, begin, size, adjusted);
-    if (penalty.form != PenaltyForm::kNone) penalty.apply(begin, size, room_for(s.divisors, size), adjusted);
+  // The fp32 adjusted scores (and with few_best the rank keys, 8 more readable past the end) of the
+  // candidates [first, first + count) into the batch arrays.
+  const auto prepare = [&](BeamScratch& s, int64_t first, int64_t count) {
+    float* adjusted = room_for(s.adjusted, count);
+    float* divisors = penalty.form == PenaltyForm::kNone ? nullptr : room_for(s.divisors, count);
+    int64_t done = 0;
+#if defined(__AVX2__)
+    const uint8_t* flags = finished_data == nullptr ? nullptr : finished_data + first;
+    int32_t* rank_keys = few_best ? room_for(s.keys, count + kKeyLanes) : nullptr;
+    if (few_best) {  // whole vectors in one loop
+      done = count / kKeyLanes * kKeyLanes;
+      const bool int64_lengths = divisors != nullptr && penalty.table == nullptr && penalty.length_type == at::kLong;
+      if (divisors != nullptr && !int64_lengths) penalty.divisors_for(first, done, divisors);
+      const int64_t* lengths = int64_lengths ? static_cast<const int64_t*>(penalty.lengths) + first : nullptr;
+      AT_DISPATCH_V2(score_type, "beam_prune", AT_WRAP([&] {
+        adjust_and_rank(static_cast<const scalar_t*>(score_data) + first, penalty, lengths,
+                        int64_lengths ? nullptr : divisors, flags, done, adjusted, rank_keys);
+      }), AT_EXPAND(AT_FLOATING_TYPES), at::kHalf, at::kBFloat16);
+    }
+#endif
+    // The rest (all of it without few_best): pass by pass.
+    const int64_t rest = count - done;
+    to_float(score_type, score_data, first + done, rest, adjusted + done);
+    if (divisors != nullptr) {
+      penalty.divisors_for(first + done, rest, divisors + done);
+      for (int64_t i = done; i < count; ++i) adjusted[i] /= divisors[i];
+    }
+#if defined(__AVX2__)
+    if (few_best) rank_keys_of(adjusted + done, flags == nullptr ? nullptr : flags + done, rest, rank_keys + done);
+#endif
+  };
+
+  // One group's best: emit(place, local, count) for every place < count; returns count.
+  const auto select = [&](BeamScratch& s, int64_t begin, int64_t size, const float* adjusted,
+                          const int32_t* rank_keys, const auto& emit) -> int64_t {
     RankCode<float>* candidates = room_for(s.candidates, size);
+#if defined(__AVX2__)
+    if (few_best) return take_best_few(rank_keys, size, k, candidates, emit);
+#endif
     int64_t selectable = with_optional(finished_data != nullptr, [&](auto has_finished) {
       int64_t chosen_count = 0;
       for (int64_t local = 0; local < size; ++local) {
@@ -463,24 +800,46 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> beam_prune(
     }
     const int64_t count = std::min(k, selectable);
     order_best(candidates, ranked, count);
-    int64_t* row_indices = indices_out + group * k;
-    float* row_values = values_out + group * k;
-    for (int64_t position = 0; position < count; ++position) {
-      const int64_t local = local_of(candidates[position]);
-      row_indices[position] = groups.reported(begin, local);
-      row_values[position] = adjusted[local];
-    }
-    std::fill(row_indices + count, row_indices + k, int64_t{-1});
-    std::fill(row_values + count, row_values + k, -kInfinity);
-    counts_out[group] = count;
-    // Next step's beams: survivor j fills slots j, j + count, j + 2 count, ..., so the survivors repeat
-    // in blocks (a division per slot would cost more than the selection).
-    int64_t* row_parents = parents_out + group * refill_to;
-    if (count == 0) std::fill(row_parents, row_parents + refill_to, int64_t{-1});
-    for (int64_t block = 0; block < refill_to && count > 0; block += count) {
-      for (int64_t survivor = 0; survivor < count && block + survivor < refill_to; ++survivor) {
-        row_parents[block + survivor] = row_indices[survivor];
+    for (int64_t place = 0; place < count; ++place) emit(place, local_of(candidates[place]), count);
+    return count;
+  };
+
+  const GroupCost cost = few_best ? GroupCost{0.6, 50.0} : GroupCost{6.0, 50.0};
+  at::parallel_for(0, groups.count, group_grain(groups, cost), [&](int64_t first_group, int64_t last_group) {
+    BeamScratch& s = thread_scratch<BeamScratch>();
+    for (int64_t batch_first = first_group; batch_first < last_group;) {
+      // Whole groups, up to kBatchCandidates candidates (at least one group).
+      const int64_t batch_begin = groups.begin(batch_first);
+      int64_t batch_last = batch_first + 1;
+      while (batch_last < last_group &&
+             groups.begin(batch_last) + groups.size(batch_last) - batch_begin <= kBatchCandidates) {
+        ++batch_last;
       }
+      const int64_t batch_end = groups.begin(batch_last - 1) + groups.size(batch_last - 1);
+      prepare(s, batch_begin, batch_end - batch_begin);
+      for (int64_t group = batch_first; group < batch_last; ++group) {
+        const int64_t begin = groups.begin(group);
+        const int64_t size = groups.size(group);
+        const float* adjusted = s.adjusted.data() + (begin - batch_begin);
+        int64_t* row_indices = indices_out + group * k;
+        float* row_values = values_out + group * k;
+        const int32_t* rank_keys = few_best ? s.keys.data() + (begin - batch_begin) : nullptr;
+        int64_t* row_parents = parents_out + group * refill_to;
+        // Survivor j of c also fills next step's beams j, j + c, j + 2 c, ..., written here from the value in
+        // hand (reading the row back would wait on stores to computed places).
+        const int64_t count =
+            select(s, begin, size, adjusted, rank_keys, [&](int64_t place, int64_t local, int64_t survivors) {
+              const int64_t index = groups.reported(begin, local);
+              row_indices[place] = index;
+              row_values[place] = adjusted[local];
+              for (int64_t slot = place; slot < refill_to; slot += survivors) row_parents[slot] = index;
+            });
+        std::fill(row_indices + count, row_indices + k, int64_t{-1});
+        std::fill(row_values + count, row_values + k, -kInfinity);
+        counts_out[group] = count;
+        if (count == 0) std::fill(row_parents, row_parents + refill_to, int64_t{-1});
+      }
+      batch_first = batch_last;
     }
   });
   return {indices, values, counts, parents};
@@ -581,7 +940,9 @@ at::Tensor resample(const at::Tensor& log_weights, const std::optional<at::Tenso
   std::atomic<int64_t> first_nan_group{kNone};
   std::atomic<int64_t> first_dead_group{kNone};
 
-  for_each_group(groups, num_samples, [&](int64_t group, int64_t begin, int64_t size) {
+  // A candidate costs its weight and CDF entry, a sample its uniform and binary search.
+  const GroupCost cost{4.0, 16.0 * static_cast<double>(num_samples)};
+  for_each_group(groups, cost, [&](int64_t group, int64_t begin, int64_t size) {
     WeightScratch& s = thread_scratch<WeightScratch>();
     float* w = room_for(s.weights, size);
     const float top = group_weights(dtype, data, begin, size, w);
@@ -642,7 +1003,7 @@ at::Tensor effective_sample_size(const at::Tensor& log_weights, const std::optio
   const void* data = x->const_data_ptr();
   float* ess_out = ess.mutable_data_ptr<float>();
 
-  for_each_group(groups, 0, [&](int64_t group, int64_t begin, int64_t size) {
+  for_each_group(groups, {2.0, 10.0}, [&](int64_t group, int64_t begin, int64_t size) {
     float* w = room_for(thread_scratch<WeightScratch>().weights, size);
     const float top = group_weights(dtype, data, begin, size, w);
     // No finite maximum (empty, all -inf, a NaN or a +inf): the reference reports 0.
@@ -735,7 +1096,7 @@ at::Tensor vote(const at::Tensor& answer_keys, const std::optional<at::Tensor>& 
   const uint8_t* mask_data = flags_or_null(voters);
   int64_t* winners_out = winners.mutable_data_ptr<int64_t>();
 
-  for_each_group(groups, 0, [&](int64_t group, int64_t begin, int64_t size) {
+  for_each_group(groups, {5.0, 10.0}, [&](int64_t group, int64_t begin, int64_t size) {
     VoteScratch& s = thread_scratch<VoteScratch>();
     const float* group_scores = nullptr;
     if (mode != 0) {  // majority ignores scores
@@ -765,7 +1126,7 @@ at::Tensor sequence_keys(const at::Tensor& token_ids, const at::Tensor& offsets)
 
   AT_DISPATCH_V2(tokens->scalar_type(), "sequence_keys", AT_WRAP([&] {
     const scalar_t* token_data = tokens->const_data_ptr<scalar_t>();
-    for_each_group(groups, 0, [&](int64_t group, int64_t begin, int64_t size) {
+    for_each_group(groups, {1.0, 10.0}, [&](int64_t group, int64_t begin, int64_t size) {
       // Wrapping uint64 arithmetic throughout; the token is sign-extended to int64 first.
       uint64_t sum = 0;
       for (int64_t position = 0; position < size; ++position) {

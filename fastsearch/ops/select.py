@@ -564,11 +564,19 @@ def beam_prune(scores: torch.Tensor, k: int, *, offsets: torch.Tensor | None = N
         :class:`BeamSelection` ``(indices [G, k], values [G, k], counts [G], parents [G, n] or None)``;
         indices are row-local for dense input and flat for ragged input.
     """
-    k = _int_arg("k", k)
-    refill = 0 if refill_to is None else _int_arg("refill_to", refill_to)
-    indices, values, counts, parents = BEAM_PRUNE.run(backend, _device_of("scores", scores), scores, offsets, k,
-                                                      finished, lengths, float(length_penalty), dedup_keys, refill)
-    return BeamSelection(indices, values, counts, parents if refill_to is not None else None)
+    # A search calls this every step: the plain cases take no function calls (the checks are the same).
+    if type(k) is not int:
+        k = _int_arg("k", k)
+    if refill_to is None:
+        refill = 0
+    else:
+        refill = refill_to if type(refill_to) is int else _int_arg("refill_to", refill_to)
+    device = scores.device if type(scores) is torch.Tensor else _device_of("scores", scores)
+    selection = BEAM_PRUNE.run(backend, device, scores, offsets, k, finished, lengths, float(length_penalty),
+                               dedup_keys, refill)
+    if refill_to is None:
+        return BeamSelection(selection[0], selection[1], selection[2], None)
+    return tuple.__new__(BeamSelection, selection)  # the op's four outputs as they are
 
 
 def resample(log_weights: torch.Tensor, num_samples: int, *, method: str = "systematic",
