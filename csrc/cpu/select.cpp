@@ -261,6 +261,19 @@ inline __m256i rank_keys(__m256 values, __m256i selectable) {
   return _mm256_blendv_epi8(_mm256_set1_epi32(kNoKey), keys, selectable);
 }
 
+// rank_keys of 8 fp32 values at keys[0, 8): kNoKey where the value is NaN or its flag (8 bytes at `flags`,
+// finished; null: none) is set.
+inline void store_rank_keys(__m256 values, const uint8_t* flags, int32_t* keys) {
+  __m256i selectable = _mm256_castps_si256(_mm256_cmp_ps(values, values, _CMP_ORD_Q));  // not NaN
+  if (flags != nullptr) {
+    uint64_t bytes;
+    std::memcpy(&bytes, flags, sizeof(bytes));
+    const __m256i flag = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(bytes)));
+    selectable = _mm256_andnot_si256(_mm256_cmpgt_epi32(flag, _mm256_setzero_si256()), selectable);
+  }
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(keys), rank_keys(values, selectable));
+}
+
 // The K smallest keys seen in each of 8 lanes, sorted per lane (best[0] <= best[1] <= ...), kept by a
 // min/max insertion network: no branches, so no mispredictions, which otherwise dominate a top-k of a few
 // dozen candidates (a heap or a threshold test mispredicts on most insertions). After merge_lanes every
@@ -394,15 +407,7 @@ int64_t take_best_few(const int32_t* keys, int64_t size, int64_t k, RankCode<flo
 void rank_keys_of(const float* adjusted, const uint8_t* flags, int64_t count, int32_t* keys) {
   int64_t start = 0;
   for (; start + kKeyLanes <= count; start += kKeyLanes) {
-    const __m256 value = _mm256_loadu_ps(adjusted + start);
-    __m256i selectable = _mm256_castps_si256(_mm256_cmp_ps(value, value, _CMP_ORD_Q));  // not NaN
-    if (flags != nullptr) {
-      uint64_t bytes;
-      std::memcpy(&bytes, flags + start, sizeof(bytes));
-      const __m256i flag = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(bytes)));
-      selectable = _mm256_andnot_si256(_mm256_cmpgt_epi32(flag, _mm256_setzero_si256()), selectable);
-    }
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(keys + start), rank_keys(value, selectable));
+    store_rank_keys(_mm256_loadu_ps(adjusted + start), flags == nullptr ? nullptr : flags + start, keys + start);
   }
   for (; start < count; ++start) {
     const bool selectable = (flags == nullptr || flags[start] == 0) && !std::isnan(adjusted[start]);
@@ -671,14 +676,7 @@ void adjust_and_rank(const scalar_t* scores, const LengthPenalty& penalty, const
       value = _mm256_div_ps(value, _mm256_loadu_ps(divisors + start));
     }
     _mm256_storeu_ps(adjusted + start, value);
-    __m256i selectable = _mm256_castps_si256(_mm256_cmp_ps(value, value, _CMP_ORD_Q));  // not NaN
-    if (finished != nullptr) {
-      uint64_t bytes;
-      std::memcpy(&bytes, finished + start, sizeof(bytes));
-      const __m256i flag = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(bytes)));
-      selectable = _mm256_andnot_si256(_mm256_cmpgt_epi32(flag, _mm256_setzero_si256()), selectable);
-    }
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(keys + start), rank_keys(value, selectable));
+    store_rank_keys(value, finished == nullptr ? nullptr : finished + start, keys + start);
   }
 }
 #endif
