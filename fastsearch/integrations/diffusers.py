@@ -280,13 +280,18 @@ class _PipelineRunner:
     are handed to it, so that it steers the call step by step.
     """
 
-    def __init__(self, pipe, verifier: Callable, verifier_kwargs: dict, pipe_kwargs: dict, driver=None):
+    def __init__(self, pipe, verifier: Callable, verifier_kwargs: dict, pipe_kwargs: dict, driver=None,
+                 rows_per_image: int = 1):
         self.pipe = pipe
         self.scheduler = pipe.scheduler
         self.verifier = verifier
         self.verifier_kwargs = verifier_kwargs
+        self.rows_per_image = rows_per_image  # paths / fk: each image slot's rows, which share its arguments
+        self._row_kwargs = {}
         self.pipe_kwargs = pipe_kwargs
         self.driver = driver
+        if driver is not None:
+            driver.runner = self
         self.total_nfe = 0
         self.verifier_calls = 0
         self.images_per_call = None
@@ -322,9 +327,17 @@ class _PipelineRunner:
         if self.driver is not None:
             self.driver.restore()
 
-    def score(self, images: torch.Tensor, verifier_kwargs: dict | None = None) -> torch.Tensor:
-        """Verifier scores of ``images``: [B] float32."""
-        scores = self.verifier(images, **(self.verifier_kwargs if verifier_kwargs is None else verifier_kwargs))
+    def score(self, images: torch.Tensor) -> torch.Tensor:
+        """Verifier scores of ``images`` (final, or decoded mid-trajectory): [B] float32."""
+        kwargs = self.verifier_kwargs
+        if self.rows_per_image > 1:
+            rows = images.shape[0]
+            if rows not in self._row_kwargs:
+                self._row_kwargs[rows] = {name: _expand_per_image(value, rows // self.rows_per_image,
+                                                                  self.rows_per_image)
+                                          for name, value in kwargs.items()}
+            kwargs = self._row_kwargs[rows]
+        scores = self.verifier(images, **kwargs)
         if not isinstance(scores, torch.Tensor) or scores.shape != images.shape[:1]:
             raise ValueError(f"verifier must return one score per image, a tensor of shape [{images.shape[0]}], got "
                              f"{getattr(scores, 'shape', type(scores).__name__)}")
@@ -352,7 +365,7 @@ class _PipelineRunner:
             raise ValueError(f"the pipeline returned {images.shape[0]} images and stepped {self._rows} latent rows; "
                              f"every call must make the same {self.images_per_call} images")
         self.total_nfe += self._rows
-        scores = self.score(images, self.driver.verifier_kwargs if self.driver is not None else None)
+        scores = self.score(images)
         return images, scores, latents, self._rows // self.images_per_call
 
     @property
@@ -485,13 +498,11 @@ class _Driver:
     DDIM / DDPM read the timestep) and, for FK steering with DDIM, its ``eta`` and noise.
     """
 
-    def __init__(self, scheduler, family: str, search, *, eta: float | None, seed: int, images_per_slot: int,
-                 verifier_kwargs: dict, bar):
+    def __init__(self, scheduler, family: str, search, *, eta: float | None, seed: int, bar):
         self.scheduler, self.family, self.search = scheduler, family, search
-        self.eta, self.seed, self.images_per_slot = eta, seed, images_per_slot
-        self.raw_verifier_kwargs = verifier_kwargs
-        self.verifier_kwargs = verifier_kwargs
+        self.eta, self.seed = eta, seed
         self.bar = bar
+        self.runner = None  # the _PipelineRunner of the call, which sets it
         self.plan = None
         self.position = 0
         self.final_latents = None
@@ -592,46 +603,48 @@ class _Driver:
                                  schedule="flow" if self.family == "flow" else "vp", seed=seed)
         return out.to(latents.dtype)
 
-    def score_latents(self, decode: Callable, latents: torch.Tensor, runner: _PipelineRunner) -> torch.Tensor:
+    def score_latents(self, decode: Callable, latents: torch.Tensor) -> torch.Tensor:
         """Verifier scores of decoded latents (x0 predictions mid-trajectory): [rows] float32."""
-        rows = latents.shape[0]
-        if self.verifier_kwargs is self.raw_verifier_kwargs:
-            self.verifier_kwargs = {name: _expand_per_image(value, rows // self.images_per_slot, self.images_per_slot)
-                                    for name, value in self.raw_verifier_kwargs.items()}
-        return runner.score(decode(latents), self.verifier_kwargs)
+        return self.runner.score(decode(latents))
+
+
+def _path_plan(steps: int, options: tuple) -> tuple[list[int], dict[int, int], list[tuple[int, int, int]]]:
+    """Search over paths as one pipeline call: the state of each model evaluation, the positions after which a
+    selection and re-noising follow (position -> the round it starts), and the rounds."""
+    start, rounds = _path_schedule(steps, *options)
+    states = list(range(start))
+    ends = {len(states) - 1: 0}
+    for index, (_, renoised, following) in enumerate(rounds):
+        states.extend(range(renoised, following))
+        if following < steps:
+            ends[len(states) - 1] = index + 1
+    return states, ends, rounds
 
 
 class _PathsInPipeline:
     """Search over paths inside one pipeline call of slots x n x M rows (see :func:`search_pipeline`)."""
 
-    def __init__(self, paths: int, branches: int, options: tuple, decode: Callable, runner_ref: list):
+    def __init__(self, paths: int, branches: int, options: tuple, decode: Callable):
         self.paths, self.branches, self.options = paths, branches, options
-        self.decode, self.runner_ref = decode, runner_ref
+        self.decode = decode
         self.history = []
 
     def plan(self, steps: int) -> list[int]:
-        start, self.rounds = _path_schedule(steps, *self.options)
         self.steps = steps
-        states = list(range(start))
-        self.ends = {len(states) - 1: 0}  # position -> the round whose re-noising follows it
-        for index, (_, renoised, following) in enumerate(self.rounds):
-            states.extend(range(renoised, following))
-            if following < steps:
-                self.ends[len(states) - 1] = index + 1
+        states, self.ends, self.rounds = _path_plan(steps, self.options)
         return states
 
     def after_step(self, driver: _Driver, position: int, state: int, latents: torch.Tensor,
                    x0: torch.Tensor) -> torch.Tensor:
         if position not in self.ends:
             return latents
-        runner = self.runner_ref[0]
         width = self.paths * self.branches
-        scores = driver.score_latents(self.decode, x0, runner).view(-1, width)
+        scores = driver.score_latents(self.decode, x0).view(-1, width)
         local = fastsearch.segmented_topk(_ranked(scores), self.paths)[1]
         keep = (local + torch.arange(scores.shape[0], device=local.device)[:, None] * width).flatten()
         next_round = self.ends[position]
         renoised = self.rounds[next_round][1]
-        self.history.append({"round": next_round - 1, "state": state + 1, "nfe": runner._rows // scores.shape[0],
+        self.history.append({"round": next_round - 1, "state": state + 1, "nfe": driver.runner._rows // scores.shape[0],
                              "best_score": scores.flatten()[keep.view(-1, self.paths)[:, 0]], "scores": scores})
         kept = latents[keep.to(latents.device)].repeat_interleave(self.branches, dim=0)
         return driver.renoise(kept, state, renoised, derive_seed(driver.seed, _RENOISE, next_round))
@@ -641,10 +654,10 @@ class _FKInPipeline:
     """FK steering inside one pipeline call of slots x n rows (see :func:`search_pipeline`)."""
 
     def __init__(self, particles: int, potential: str, lam: float, every: int | None, ess_threshold: float,
-                 decode: Callable, runner_ref: list):
+                 decode: Callable):
         self.particles, self.potential, self.lam = particles, potential, lam
         self.every, self.ess_threshold = every, ess_threshold
-        self.decode, self.runner_ref = decode, runner_ref
+        self.decode = decode
         self.weights = None
         self.history = []
 
@@ -664,10 +677,9 @@ class _FKInPipeline:
                    x0: torch.Tensor) -> torch.Tensor:
         if state == self.steps - 1 or (state + 1) % self.every:
             return latents
-        runner = self.runner_ref[0]
-        scores = driver.score_latents(self.decode, x0, runner)
+        scores = driver.score_latents(self.decode, x0)
         weights = self._weights(latents.shape[0], scores.device)
-        entry = weights.update(scores, step=state, nfe=runner._rows // weights.num_prompts, final=False)
+        entry = weights.update(scores, step=state, nfe=driver.runner._rows // weights.num_prompts, final=False)
         ancestors = weights.resample(entry, seed=derive_seed(driver.seed, _RESAMPLE, state))
         self.history.append(entry)
         return latents if ancestors is None else latents[ancestors.to(latents.device)]
@@ -720,7 +732,7 @@ def _driven_search(pipe, verifier, algorithm: str, parameters, pipe_kwargs: dict
             raise ValueError(f"budget_nfe needs the pipeline's num_inference_steps to price one {name[4:-1]}; "
                              f"give {name} instead")
         if algorithm == "paths":
-            plan_length = len(_PathsInPipeline(1, 1, options, None, []).plan(steps))
+            plan_length = len(_path_plan(steps, options)[0])
             count = _count_within(budget_nfe, plan_length * branches, "path")
         else:
             count = _count_within(budget_nfe, steps, "particle")
@@ -733,20 +745,17 @@ def _driven_search(pipe, verifier, algorithm: str, parameters, pipe_kwargs: dict
     if isinstance(pipe_kwargs.get("generator"), list):
         raise ValueError(f"search_pipeline(algorithm={algorithm!r}) multiplies the pipeline's images: pass one "
                          "torch.Generator, not a list")
-    runner_ref = []
     if algorithm == "paths":
         factor = count * branches
-        search = _PathsInPipeline(count, branches, options, decoder, runner_ref)
+        search = _PathsInPipeline(count, branches, options, decoder)
     else:
         factor = count
         search = _FKInPipeline(count, fk_options["potential"], fk_options["lam"], fk_options["resample_every"],
-                               fk_options["ess_threshold"], decoder, runner_ref)
+                               fk_options["ess_threshold"], decoder)
     kwargs = _multiply_images(parameters, pipe_kwargs, factor, algorithm)
     with tqdm(desc=f"search_pipeline[{algorithm}]", unit="step", disable=not progress) as bar, torch.no_grad():
-        driver = _Driver(pipe.scheduler, family, search, eta=eta, seed=seed, images_per_slot=factor,
-                         verifier_kwargs=verifier_kwargs, bar=bar)
-        with _PipelineRunner(pipe, verifier, verifier_kwargs, kwargs, driver) as run:
-            runner_ref.append(run)
+        driver = _Driver(pipe.scheduler, family, search, eta=eta, seed=seed, bar=bar)
+        with _PipelineRunner(pipe, verifier, verifier_kwargs, kwargs, driver, rows_per_image=factor) as run:
             images, scores, _, _ = run(None)
         if images.shape[0] % factor:
             raise ValueError(f"the pipeline made {images.shape[0]} images, not a multiple of the {factor} rows per "
