@@ -252,6 +252,10 @@ def test_paths_and_fk_budgets_and_per_image_verifier_arguments(kandinsky):
     assert all(torch.equal(rows, label.repeat_interleave(4)) for rows in seen), "each slot's label on its rows"
     fk = search_pipeline(kandinsky, brightness, "fk", budget_nfe=6 * 3, seed=0, progress=False, **request)
     assert fk.scores.shape == (2, 3)
+    seen.clear()  # no scoring step before the end: the final images still get each slot's label
+    search_pipeline(kandinsky, labelled, "fk", num_particles=3, resample_every=6, seed=0, progress=False,
+                    verifier_kwargs={"label": label}, **request)
+    assert len(seen) == 1 and torch.equal(seen[0], label.repeat_interleave(3))
 
 
 def test_paths_and_fk_bad_input(kandinsky, unet, mixture, monkeypatch):
