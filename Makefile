@@ -1,29 +1,33 @@
 # make demo / make test / make bench / make lint. Each sets up .venv when missing, installs torch
 # (TORCH_SPEC, a CPU build by default; e.g. TORCH_SPEC=torch for a CUDA build), triton and the project
-# with its test extras, and builds the compiled kernels.
+# with its test extras, and builds the compiled kernels. Everything but torch is installed at the exact
+# versions of constraints.txt (the last green run); `make test-latest` takes the newest releases instead.
 
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+# Empty (CONSTRAINTS=) installs the newest releases; a CUDA torch may need that for its own triton pin.
+CONSTRAINTS ?= constraints.txt
 NVCC ?= $(shell command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
 CUDA_ARCH ?= sm_90
 
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
-SOURCES := setup.py pyproject.toml $(wildcard csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh)
+PIN := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
+SOURCES := setup.py pyproject.toml $(CONSTRAINTS) $(wildcard csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh)
 
-.PHONY: install demo test bench lint cuda-check clean
+.PHONY: install demo test test-latest dist-check bench lint cuda-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet $(PIN) --upgrade pip
 
-# Rebuilt when the C++ / CUDA sources or the build files change.
+# Rebuilt when the C++ / CUDA sources, the build files or the pins change.
 $(STAMP): $(PY) $(SOURCES)
-	$(PIP) install --quiet "$(TORCH_SPEC)"
-	$(PIP) install --quiet triton numpy ninja setuptools wheel
-	$(PIP) install --quiet --no-build-isolation -e ".[test]"
+	$(PIP) install --quiet $(PIN) "$(TORCH_SPEC)"
+	$(PIP) install --quiet $(PIN) triton numpy ninja setuptools wheel build
+	$(PIP) install --quiet $(PIN) --no-build-isolation -e ".[test]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -44,8 +48,24 @@ cuda-check:
 		$(NVCC) -std=c++17 -O3 -arch=$(CUDA_ARCH) -Icsrc -c "$$f" -o "$$tmp/$$(basename $$f).o" || status=1; \
 	done; rm -rf "$$tmp"; exit $$status
 
+# The tests run as `python -m pytest` from the repository root on purpose: the root is then on sys.path,
+# as it is for any script started here, and the suite checks that nothing there shadows an installed package.
 test: install cuda-check
-	$(PY) -m pytest -q tests
+	FASTSEARCH_CONSTRAINTS=$(CONSTRAINTS) $(PY) -m pytest -q tests
+	$(MAKE) --no-print-directory dist-check
+
+# The same suite in a separate .venv-latest with the newest release of every dependency (torch stays
+# TORCH_SPEC), to find drift before a newcomer does; its versions are left in .venv-latest/pip-freeze.txt.
+test-latest:
+	rm -rf .venv-latest
+	$(MAKE) --no-print-directory install VENV=.venv-latest CONSTRAINTS=
+	.venv-latest/bin/python -m pip freeze --exclude-editable > .venv-latest/pip-freeze.txt
+	$(MAKE) --no-print-directory test VENV=.venv-latest CONSTRAINTS=
+
+# Builds the sdist and, from it, the wheel in a clean copy of the checkout, installs the wheel into a
+# fresh venv with only torch and the declared dependencies, and uses it from outside the tree.
+dist-check: install
+	$(PY) .ci/check_dist.py --torch "$(TORCH_SPEC)" --python "$(PYTHON)" $(if $(CONSTRAINTS),--constraints $(CONSTRAINTS))
 
 bench: install
 	$(PY) -m pytest -q benchmarks --benchmark-enable --benchmark-columns=median,ops,rounds
@@ -56,4 +76,4 @@ lint: install
 	$(VENV)/bin/ruff check fastsearch kernels tests benchmarks
 
 clean:
-	rm -rf build *.egg-info fastsearch/_C*.so
+	rm -rf build dist *.egg-info fastsearch/_C*.so

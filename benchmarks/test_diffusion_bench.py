@@ -4,7 +4,7 @@ outside the model and the verifier per NFE in ``extra_info`` (what ``fastsearch 
 import pytest
 import torch
 
-from fastsearch.diffusion import benchmark as diffusion_benchmark
+from fastsearch.bench import diffusion as diffusion_benchmark
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 CASES = diffusion_benchmark.cases(DEVICE)

@@ -1,6 +1,6 @@
 """LLM searches on the simulated reasoning task: ``pytest benchmarks/test_search_bench.py --benchmark-enable``.
 
-The same cases as ``fastsearch.search.benchmark`` (``fastsearch bench``): whole searches at 64 problems x
+The same cases as ``fastsearch.bench.llm`` (``fastsearch bench``): whole searches at 64 problems x
 n = 16 and 256 x 64. ``extra_info`` carries fastsearch's overhead (wall time outside the generator and the
 verifier) per beam and step, and for the runs with a costed generator the split of the wall time.
 """
@@ -9,8 +9,8 @@ import statistics
 
 import pytest
 
+from fastsearch.bench import llm as search_benchmark
 from fastsearch.models import reasoning
-from fastsearch.search import benchmark as search_benchmark
 
 CASES = [pytest.param(name, groups, n, id=f"{name}-{groups}x{n}")
          for groups, n in search_benchmark.SHAPES for name in search_benchmark.ALGORITHMS]

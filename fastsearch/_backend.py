@@ -2,9 +2,13 @@
 
 Backends:
   ``torch``   the pure-PyTorch reference (any device; the oracle and the fallback)
-  ``cpu``     C++ kernels in ``fastsearch._C`` (CPU tensors)
+  ``cpu``     C++ kernels in ``fastsearch._C_cpu_<capability>`` (CPU tensors)
   ``cuda``    CUDA kernels in ``fastsearch._C`` (CUDA tensors; only in a CUDA build)
   ``triton``  Triton kernels (CUDA tensors; CPU tensors when ``TRITON_INTERPRET=1``)
+
+The CPU kernels are built once per instruction set (``default``, ``avx2``, ``avx512``; setup.py). One
+process loads one of those modules: the best this CPU runs (``fastsearch._C`` asks cpuid), or the one the
+``FASTSEARCH_CPU_CAPABILITY`` variable names.
 
 Nothing here initialises CUDA or compiles anything at import time.
 """
@@ -21,8 +25,14 @@ import torch
 
 BACKENDS = ("auto", "torch", "cpu", "cuda", "triton")
 
-_ext = None
+# The CPU kernel builds, weakest first; each runs on a CPU that supports it (fastsearch._C says which do).
+CPU_CAPABILITIES = ("default", "avx2", "avx512")
+CPU_CAPABILITY_VARIABLE = "FASTSEARCH_CPU_CAPABILITY"
+
+_ext = None  # fastsearch._C
 _ext_error: str | None = None
+_cpu_ext = None  # fastsearch._C_cpu_<capability>
+_cpu_error: str | None = None
 # (op, dispatch key) pairs the compiled extension registered; a plain set so torch.compile can read it.
 _native_kernels: frozenset[tuple[str, str]] = frozenset()
 
@@ -33,8 +43,8 @@ AUTO_CUDA_PREFERENCE: dict[str, str] = {}
 
 
 def load_extension() -> None:
-    """Import ``fastsearch._C`` once; on failure remember why and say so once."""
-    global _ext, _ext_error, _native_kernels
+    """Import ``fastsearch._C`` and one CPU kernel module once; on failure remember why and say so once."""
+    global _ext, _ext_error
     if _ext is not None or _ext_error is not None:
         return
     if os.environ.get("FASTSEARCH_NO_EXT") == "1":
@@ -45,6 +55,7 @@ def load_extension() -> None:
         except ImportError as exc:
             _ext_error = str(exc)
         else:
+            _load_cpu_kernels()
             _read_native_kernels()
     if _ext is None:
         warnings.warn(
@@ -54,6 +65,64 @@ def load_extension() -> None:
             RuntimeWarning,
             stacklevel=3,
         )
+
+
+def supported_cpu_capabilities() -> tuple[str, ...]:
+    """The CPU kernel builds this CPU can run, weakest first (``()`` without ``fastsearch._C``)."""
+    report = getattr(_ext, "cpu_capabilities", None)  # absent without _C, or in one built before the capabilities
+    return tuple(report()) if report is not None else ()
+
+
+def built_cpu_capabilities() -> tuple[str, ...]:
+    """The CPU kernel builds installed with this fastsearch, weakest first."""
+    return tuple(name for name in CPU_CAPABILITIES if importlib.util.find_spec(f"fastsearch._C_cpu_{name}"))
+
+
+def _choose_cpu_capability() -> str | None:
+    """The best build this CPU runs, or the one FASTSEARCH_CPU_CAPABILITY forces when the CPU runs it."""
+    supported, built = supported_cpu_capabilities(), built_cpu_capabilities()
+    usable = [name for name in built if name in supported]
+    best = usable[-1] if usable else None
+    requested = os.environ.get(CPU_CAPABILITY_VARIABLE, "").strip().lower()
+    if not requested or requested == best:
+        return best
+    if requested not in CPU_CAPABILITIES:
+        problem = f"is not one of {', '.join(CPU_CAPABILITIES)}"
+    elif requested not in supported:
+        # Importing it would die on the first instruction the CPU lacks (SIGILL).
+        problem = f"needs instructions this CPU lacks (it runs {', '.join(supported)})"
+    elif requested not in built:
+        problem = (f"was not built (this install has {', '.join(built) or 'none'}; "
+                   "see FASTSEARCH_CPU_CAPABILITIES in setup.py)")
+    else:
+        return requested
+    warnings.warn(f"fastsearch: {CPU_CAPABILITY_VARIABLE}={os.environ[CPU_CAPABILITY_VARIABLE]!r} {problem}; "
+                  f"using the {best or 'PyTorch reference'} CPU kernels instead",
+                  RuntimeWarning, stacklevel=5)
+    return best
+
+
+def _load_cpu_kernels() -> None:
+    """Import the chosen CPU kernel module, which registers the ``fastsearch::`` CPU kernels."""
+    global _cpu_ext, _cpu_error
+    capability = _choose_cpu_capability()
+    if capability is None:
+        _cpu_error = (f"no CPU kernel build this CPU runs (built: {', '.join(built_cpu_capabilities()) or 'none'}; "
+                      f"this CPU runs: {', '.join(supported_cpu_capabilities())})")
+        warnings.warn(f"fastsearch: {_cpu_error}; CPU tensors use the PyTorch reference", RuntimeWarning,
+                      stacklevel=4)
+        return
+    try:
+        _cpu_ext = importlib.import_module(f"fastsearch._C_cpu_{capability}")
+    except ImportError as exc:
+        _cpu_error = str(exc)
+        warnings.warn(f"fastsearch: the {capability} CPU kernels did not load ({exc}); CPU tensors use the PyTorch "
+                      "reference", RuntimeWarning, stacklevel=4)
+
+
+def cpu_capability() -> str | None:
+    """The instruction set of the CPU kernels in use (``default``, ``avx2``, ``avx512``), or None without them."""
+    return _cpu_ext.capability if _cpu_ext is not None else None
 
 
 def _read_native_kernels() -> None:
@@ -66,11 +135,12 @@ def _read_native_kernels() -> None:
 
 
 def extension_error() -> str | None:
-    return _ext_error
+    """Why the compiled extension, or its CPU kernels, did not load; None when they did."""
+    return _ext_error or _cpu_error
 
 
 def has_cpu() -> bool:
-    return _ext is not None
+    return _cpu_ext is not None
 
 
 def _has_kernel(op: str, key: str) -> bool:
@@ -79,7 +149,7 @@ def _has_kernel(op: str, key: str) -> bool:
     An extension built from older sources lacks the newer ops; those fall back as if it were missing.
     """
     global _native_kernels
-    if _ext is None:
+    if _ext is None or (key == "CPU" and _cpu_ext is None):
         return False
     if (op, key) in _native_kernels:
         return True
@@ -129,6 +199,8 @@ def backends() -> dict[str, bool]:
 def _unavailable(backend: str, device_type: str) -> str:
     if backend in ("cpu", "cuda") and _ext is None:
         return f"the compiled extension fastsearch._C is not loaded ({_ext_error})"
+    if backend == "cpu" and _cpu_ext is None:
+        return f"the compiled CPU kernels are not loaded ({_cpu_error})"
     if backend in ("cpu", "cuda") and device_type == backend and (backend == "cpu" or has_cuda()):
         return "fastsearch._C was built without this op (rebuild with `pip install --no-build-isolation -e .`)"
     if backend == "cpu":

@@ -25,7 +25,10 @@ def _info(args) -> int:
     ext = _backend._ext
     if ext is not None:
         cuda = "yes" if ext.has_cuda() else "no"
-        print(f"_C         built (CPU kernels: {ext.cpu_capability()}, CUDA kernels: {cuda})")
+        cpu = _backend.cpu_capability() or f"not loaded ({_backend.extension_error()})"
+        print(f"_C         built (CPU kernels: {cpu}, CUDA kernels: {cuda})")
+        print(f"cpu builds {', '.join(_backend.built_cpu_capabilities()) or 'none'} installed; this CPU runs "
+              f"{', '.join(_backend.supported_cpu_capabilities())}")
     else:
         print(f"_C         not loaded ({_backend.extension_error()})")
     if torch.cuda.is_available():
@@ -55,7 +58,7 @@ def _bench(args) -> int:
     return 0
 
 
-_DEMOS = {"llm": "fastsearch.search.demo", "diffusion": "fastsearch.diffusion.demo"}
+_DEMOS = {"llm": "fastsearch.demos.llm", "diffusion": "fastsearch.demos.diffusion"}
 
 
 def _demo(args) -> int:

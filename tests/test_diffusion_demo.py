@@ -6,7 +6,7 @@ import torch
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
-from fastsearch.diffusion import demo  # noqa: E402
+from fastsearch.demos import diffusion as demo  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,7 @@ def test_numbers_for_every_algorithm_and_budget(quick_run, model):
     for algorithm in demo.ALGORITHMS:
         for i, budget in enumerate(budgets):
             values = [numbers[name][algorithm][i] for name in names]
-            if budget < demo._min_budget(algorithm, steps):
+            if budget < demo.min_budget(algorithm, steps):
                 assert values == [None] * len(names)
                 continue
             assert 0 < numbers["nfe"][algorithm][i] <= budget

@@ -6,7 +6,7 @@ import torch
 
 import fastsearch
 from fastsearch.diffusion import DDIMSampler, FlowSampler
-from fastsearch.diffusion.samplers import derive_seed
+from fastsearch.seeding import derive_seed
 
 diffusers = pytest.importorskip("diffusers")
 flow_euler_module = pytest.importorskip("diffusers.schedulers.scheduling_flow_match_euler_discrete")

@@ -10,6 +10,7 @@ import fastsearch
 from fastsearch.diffusion import (
     DDIMSampler,
     FlowSampler,
+    NoiseSearchResult,
     fk_steering,
     no_search,
     paths_search,
@@ -98,6 +99,9 @@ def test_counts_given_directly():
     result = random_search(_model_for(sampler), VERIFIER, sampler, (2,), num_candidates=5, num_prompts=2, seed=0,
                            progress=False)
     assert result.nfe == 40 and result.scores.shape == (2, 5) and result.sample.shape == (2, 2)
+    assert isinstance(result, NoiseSearchResult)
+    assert repr(result) == ("NoiseSearchResult(sample=[2, 2], scores=[2, 5], nfe=40, total_nfe=80, verifier_calls=10, "
+                            "history=1 entries)")
     result = zero_order_search(_model_for(sampler), VERIFIER, sampler, (2,), num_neighbors=3, iterations=4, seed=0,
                                progress=False)
     assert result.nfe == 4 * 4 * 8 and result.scores.shape == (1, 16) and len(result.history) == 4
@@ -357,6 +361,17 @@ def test_bad_input_raises_naming_the_argument():
         fk_steering(model, VERIFIER, stochastic, (2,), num_particles=2, ess_threshold=1.5, progress=False)
     with pytest.raises(ValueError, match="cos_sim"):
         zero_order_search(model, VERIFIER, sampler, (2,), iterations=1, cos_sim=2.0, progress=False)
+    for search, argument, bad, options in [
+        (random_search, "num_candidates", 2.5, {}),
+        (random_search, "budget_nfe", "64", {}),
+        (random_search, "seed", 1.0, {"num_candidates": 2}),
+        (zero_order_search, "cos_sim", "0.9", {"iterations": 1}),
+        (paths_search, "branches", 2.0, {"num_paths": 1}),
+        (fk_steering, "lam", None, {"num_particles": 2}),
+    ]:
+        with pytest.raises(TypeError, match=argument):
+            search(model, VERIFIER, stochastic if search is fk_steering else sampler, (2,), progress=False,
+                   **{argument: bad}, **options)
     with pytest.raises(TypeError, match="sampler"):
         random_search(model, VERIFIER, "euler", (2,), num_candidates=2, progress=False)
     with pytest.raises(TypeError, match="shape"):

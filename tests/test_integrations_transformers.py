@@ -1,13 +1,16 @@
-"""transformers adapters on tiny randomly initialised models with a tokenizer built offline (no download)."""
+"""transformers adapters on tiny randomly initialised models with a tokenizer built offline (no download),
+and ``lm_head_rows`` (its checks and scalings need no transformers install)."""
+
+import subprocess
+import sys
 
 import pytest
 import torch
+from helpers import KERNEL_BACKENDS
 
-transformers = pytest.importorskip("transformers")
-tokenizers = pytest.importorskip("tokenizers")
-
-from fastsearch.integrations.transformers import HFGenerator, HFProcessRewardModel  # noqa: E402
-from fastsearch.search.types import Completion  # noqa: E402
+import fastsearch
+from fastsearch.integrations.transformers import HFGenerator, HFProcessRewardModel, lm_head_rows
+from fastsearch.search import Completion
 
 CHARS = list("abcdefghijklmnopqrstuvwxyz0123456789 +-=.\n§")
 TAG = "§"
@@ -15,6 +18,8 @@ TAG = "§"
 
 @pytest.fixture(scope="module")
 def tokenizer():
+    transformers = pytest.importorskip("transformers")
+    tokenizers = pytest.importorskip("tokenizers")
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
     for char in CHARS:
         vocab[char] = len(vocab)
@@ -26,6 +31,7 @@ def tokenizer():
 
 
 def _tiny_llama(vocab_size, seed, tie=False):
+    transformers = pytest.importorskip("transformers")
     config = transformers.LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=48,
                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                       tie_word_embeddings=tie, pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -74,10 +80,28 @@ def test_generator_errors(tokenizer, generator_model):
     generator = HFGenerator(generator_model, tokenizer)
     with pytest.raises(TypeError, match="prompts must be a sequence of strings"):
         generator.generate("abc", n=1)
-    with pytest.raises(ValueError, match="n must be a positive int"):
-        generator.generate(["a"], n=0)
     with pytest.raises(ValueError, match="temperature must be >= 0"):
         generator.generate(["a"], n=1, temperature=-1.0)
+    with pytest.raises(TypeError, match="temperature must be a float"):
+        generator.generate(["a"], n=1, temperature="hot")
+    with pytest.raises(ValueError, match=r"seed must be in \[0, 2\*\*63\)"):
+        generator.generate(["a"], n=1, seed=-1)
+
+
+@pytest.mark.parametrize("name", ["n", "max_tokens", "batch_size"])
+def test_generator_int_options(tokenizer, generator_model, name):
+    """Every count is checked alike: TypeError for a non-int, ValueError below 1."""
+    def call(value):
+        if name == "batch_size":
+            return HFGenerator(generator_model, tokenizer, batch_size=value)
+        return HFGenerator(generator_model, tokenizer).generate(["a"], **{"n": 1, name: value})
+
+    with pytest.raises(TypeError, match=f"{name} must be an int, got str"):
+        call("3")
+    with pytest.raises(TypeError, match=f"{name} must be an int, got bool"):
+        call(True)
+    with pytest.raises(ValueError, match=f"{name} must be at least 1, got 0"):
+        call(0)
 
 
 @pytest.fixture(scope="module")
@@ -105,8 +129,8 @@ def test_prm_scores_equal_full_logits(tokenizer, prm_model):
         if steps:
             expected = _full_logits_step_scores(prm_model, tokenizer, prm.format(problem, steps))
             torch.testing.assert_close(scores[offsets[i]:offsets[i + 1]], expected, atol=1e-5, rtol=1e-5)
-    candidates = HFProcessRewardModel(prm_model, tokenizer, TAG, "+", "-", how="min").score_candidates(problems,
-                                                                                                       step_lists)
+    candidates = HFProcessRewardModel(prm_model, tokenizer, TAG, "+", "-", aggregate="min").score_candidates(
+        problems, step_lists)
     assert torch.isnan(candidates[2])
     torch.testing.assert_close(candidates[3], scores[3:7].min())
 
@@ -121,8 +145,14 @@ def test_prm_errors(tokenizer, prm_model):
     tagged, _ = prm.score(["a", "b"], [["x"], [f"y {TAG}z"]])
     plain, _ = prm.score(["a", "b"], [["x"], ["y z"]])
     torch.testing.assert_close(tagged, plain)
-    with pytest.raises(ValueError, match="how must be one of"):
-        HFProcessRewardModel(prm_model, tokenizer, TAG, "+", "-", how="median")
+    with pytest.raises(ValueError, match="aggregate must be one of"):
+        HFProcessRewardModel(prm_model, tokenizer, TAG, "+", "-", aggregate="median")
+    with pytest.raises(TypeError, match="batch_size must be an int"):
+        HFProcessRewardModel(prm_model, tokenizer, TAG, "+", "-", batch_size="3")
+    with pytest.raises(ValueError, match="batch_size must be at least 1"):
+        HFProcessRewardModel(prm_model, tokenizer, TAG, "+", "-", batch_size=0)
+    with pytest.raises(TypeError, match=r"step_lists\[1\]\[0\] must be a str"):
+        prm.score(["a", "b"], [["x"], [3]])
 
 
 @pytest.mark.parametrize("algorithm", ["best_of_n", "beam_search"])
@@ -145,3 +175,71 @@ def test_search_end_to_end_on_tiny_models(tokenizer, generator_model, prm_model,
         assert start <= int(result.chosen[g]) < end
         assert result.completions[g] == result.candidates[int(result.chosen[g])]
     assert torch.isfinite(result.scores).any()
+
+
+# -- lm_head_rows: a PRM head without the vocabulary ------------------------------------------------------
+
+
+@pytest.mark.parametrize("tie", [False, True])
+@pytest.mark.parametrize("backend", ["torch"] + [p.values[1] for p in KERNEL_BACKENDS if p.values[0] == "cpu"])
+def test_prm_head_equals_full_logits_of_a_causal_lm(tie, backend):
+    model = _tiny_llama(211, seed=0, tie=tie)
+    good, bad, tag = 17, 23, 5
+    ids = torch.randint(30, 211, (3, 29), generator=torch.Generator().manual_seed(2))
+    ids[:, [6, 13, 28]] = tag
+    with torch.no_grad():
+        out = model(ids, output_hidden_states=True)
+    tag_rows = torch.nonzero(ids.reshape(-1) == tag).squeeze(-1)
+    expected = torch.softmax(out.logits.reshape(-1, 211)[tag_rows][:, [good, bad]].double(), -1)[:, 0].float()
+    head = lm_head_rows(model, [good, bad])
+    assert head.shape == (2, model.config.hidden_size)
+    got = fastsearch.prm_step_scores(out.hidden_states[-1], tag_rows, head, backend=backend)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    scores, _ = fastsearch.prm_scores(out.hidden_states[-1], tag_rows, head, offsets=torch.tensor([0, 3, 6, 9]),
+                                      method="min", backend=backend)
+    torch.testing.assert_close(scores, expected.view(3, 3).amin(-1), atol=1e-5, rtol=1e-5)
+
+
+class _BiasedHead(torch.nn.Module):
+    def __init__(self, scale_name=None, scale=1.0):
+        super().__init__()
+        self.body = torch.nn.Linear(6, 8)
+        self.head = torch.nn.Linear(8, 40, bias=True)
+        self.config = type("Config", (), {scale_name: scale} if scale_name else {})()
+
+    def get_output_embeddings(self):
+        return self.head
+
+
+@pytest.mark.parametrize("scale_name,scale", [(None, 1.0), ("logit_scale", 0.37), ("logits_scaling", 4.0)])
+def test_lm_head_rows_bias_and_logit_scaling(scale_name, scale):
+    torch.manual_seed(1)
+    model = _BiasedHead(scale_name, scale)
+    hidden = torch.randn(10, 8)
+    logits = model.head(hidden)
+    logits = logits * scale if scale_name == "logit_scale" else logits / scale
+    rows, bias = lm_head_rows(model, torch.tensor([3, 31]), with_bias=True)
+    got = fastsearch.prm_step_scores(hidden, torch.arange(10), rows, head_bias=bias)
+    torch.testing.assert_close(got, torch.softmax(logits[:, [3, 31]], -1)[:, 0], atol=1e-6, rtol=1e-5)
+    assert not rows.requires_grad
+
+
+def test_lm_head_rows_errors():
+    model = _BiasedHead()
+    with pytest.raises(ValueError, match=r"token_ids must be in \[0, V=40\)"):
+        lm_head_rows(model, [3, 40])
+    with pytest.raises(TypeError, match="get_output_embeddings"):
+        lm_head_rows(torch.nn.Linear(2, 2), [0])
+    model.config.final_logit_softcapping = 30.0
+    with pytest.raises(ValueError, match="soft-caps"):
+        lm_head_rows(model, [3, 4])
+
+
+def test_lm_head_rows_is_not_an_op_and_transformers_stays_optional():
+    """It reads a transformers model, so it lives with the adapters; importing them needs no transformers."""
+    assert not hasattr(fastsearch, "lm_head_rows") and "lm_head_rows" not in fastsearch.__all__
+    code = ("import sys, fastsearch, fastsearch.search, fastsearch.integrations.transformers\n"
+            "assert 'transformers' not in sys.modules, 'transformers imported'\n"
+            "print('ok')")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr

@@ -7,8 +7,9 @@ from collections import Counter
 import pytest
 import torch
 
+from fastsearch.demos import llm as llm_demo
 from fastsearch.models import reasoning
-from fastsearch.search import beam_search, best_of_n, demo
+from fastsearch.search import beam_search, best_of_n
 
 DELIMITER = "\n\n"
 
@@ -27,8 +28,10 @@ def test_problems_are_deterministic_and_cover_the_levels():
     assert by_level[1] > by_level[0] + 3  # harder problems take more steps
     assert 10 < sum(p.trap == 0 for p in problems) < 40
     assert all(p.text.startswith("Simulated problem") and "(sim: " in p.text for p in problems)
-    with pytest.raises(ValueError, match="count"):
+    with pytest.raises(ValueError, match="count must be at least 1"):
         reasoning.make_problems(0)
+    with pytest.raises(TypeError, match="count must be an int"):
+        reasoning.make_problems("3")
 
 
 def test_generator_is_deterministic_and_batch_independent():
@@ -119,8 +122,10 @@ def test_generator_cost_is_slept(monkeypatch):
     outputs = generator.generate([p.text + DELIMITER for p in reasoning.make_problems(4)], n=2, stop=None, seed=0)
     tokens = sum(c.num_tokens for row in outputs for c in row)
     assert len(slept) == 1 and 1.0 + 1e-3 * tokens - 0.5 < slept[0] <= 1.0 + 1e-3 * tokens
-    with pytest.raises(ValueError, match="costs must be non-negative"):
+    with pytest.raises(ValueError, match="cost_per_call must be >= 0"):
         reasoning.SimulatedGenerator(cost_per_call=-1.0)
+    with pytest.raises(ValueError, match="cost_per_token must be >= 0"):
+        reasoning.SimulatedGenerator(cost_per_token=-1e-6)
 
 
 def test_search_curves_have_snells_shape():
@@ -148,7 +153,7 @@ def test_search_curves_have_snells_shape():
 
 
 def test_demo_quick(tmp_path, capsys):
-    summary = demo.run(tmp_path, quick=True, progress=False)
+    summary = llm_demo.run(tmp_path, quick=True, progress=False)
     assert (tmp_path / "llm_scaling.png").stat().st_size > 10_000
     assert summary["budgets"] == [4, 16]
     assert set(summary["accuracy"]) == {"best_of_n", "beam_search(M=4)", "beam_search(M=sqrt n)", "dvts(M=4)",

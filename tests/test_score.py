@@ -1,6 +1,6 @@
 """Scoring ops: the references against full-logits and plain-Python definitions, every backend against the
-references (odd H, S = 0, empty and one-step candidates, bf16 hidden states), a transformers PRM head
-end to end, and bad input."""
+references (odd H, S = 0, empty and one-step candidates, bf16 hidden states), and bad input. (The PRM head of
+a transformers model end to end is in test_integrations_transformers.py, beside ``lm_head_rows``.)"""
 
 import math
 
@@ -12,7 +12,7 @@ import fastsearch
 from fastsearch import _backend
 
 NAN, INF = float("nan"), float("inf")
-HOWS = ["last", "min", "prod", "mean", "max", "logit_sum"]
+METHODS = ["last", "min", "prod", "mean", "max", "logit_sum"]
 
 
 def _offsets(sizes, device="cpu"):
@@ -56,41 +56,41 @@ def test_reference_equals_full_logits(rows, activation, positive_index, bias):
     torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
 
 
-def _plain_aggregate(values, how):
-    if how == "last":
+def _plain_aggregate(values, method):
+    if method == "last":
         return values[-1]
     if any(math.isnan(v) for v in values):
         return NAN
-    if how == "min":
+    if method == "min":
         return min(values)
-    if how == "max":
+    if method == "max":
         return max(values)
-    if how == "prod":
+    if method == "prod":
         return math.prod(values)
-    if how == "mean":
+    if method == "mean":
         return sum(values) / len(values)
     clip = float(torch.tensor(1e-7, dtype=torch.float32))
     high = float(torch.tensor(1 - 1e-7, dtype=torch.float32))
     return sum(math.log(min(max(v, clip), high)) - math.log1p(-min(max(v, clip), high)) for v in values)
 
 
-@pytest.mark.parametrize("how", HOWS)
-def test_reference_aggregate_is_plain_definition(how):
+@pytest.mark.parametrize("method", METHODS)
+def test_reference_aggregate_is_plain_definition(method):
     sizes = [3, 0, 1, 5, 2, 0, 4]
     g = torch.Generator().manual_seed(3)
     steps = torch.rand(sum(sizes), generator=g)
     steps[7] = NAN
     steps[2] = 0.0
     steps[3] = 1.0
-    out = fastsearch.aggregate_steps(steps, _offsets(sizes), how=how, empty=-2.5, backend="torch")
+    out = fastsearch.aggregate_steps(steps, offsets=_offsets(sizes), method=method, empty=-2.5, backend="torch")
     start = 0
     for n, size in enumerate(sizes):
         values = steps[start:start + size].tolist()
-        expected = -2.5 if size == 0 else _plain_aggregate(values, how)
+        expected = -2.5 if size == 0 else _plain_aggregate(values, method)
         if math.isnan(expected):
-            assert math.isnan(out[n].item()), (n, how)
+            assert math.isnan(out[n].item()), (n, method)
         else:
-            assert out[n].item() == pytest.approx(expected, rel=1e-5, abs=1e-6), (n, how)
+            assert out[n].item() == pytest.approx(expected, rel=1e-5, abs=1e-6), (n, method)
         start += size
 
 
@@ -119,15 +119,15 @@ def _plain_zscores(values):
     return out
 
 
-@pytest.mark.parametrize("how", ["rank", "zscore"])
-def test_reference_ensemble_is_plain_definition(how):
+@pytest.mark.parametrize("method", ["rank", "zscore"])
+def test_reference_ensemble_is_plain_definition(method):
     sizes = [4, 0, 1, 6, 3]
     scores = torch.tensor([[1, 2, 2, NAN, 5, 3, 3, 3, -1, 0, 9, 2, 2, 2],
                            [0, 0, 0, 0, 1, 2, NAN, NAN, 4, 4, -INF, 1, 7, 1],
                            [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7]], dtype=torch.float32)
     weights = [0.5, 2.0, 0.0]
-    out = fastsearch.ensemble_scores(scores, offsets=_offsets(sizes), how=how, weights=weights, backend="torch")
-    plain = _plain_ranks if how == "rank" else _plain_zscores
+    out = fastsearch.ensemble_scores(scores, offsets=_offsets(sizes), method=method, weights=weights, backend="torch")
+    plain = _plain_ranks if method == "rank" else _plain_zscores
     start = 0
     for size in sizes:
         per_verifier = [plain(scores[v, start:start + size].tolist()) for v in range(2)]
@@ -189,25 +189,26 @@ AGGREGATE_SIZES = [[], [1], [0, 0], [3, 0, 1, 7, 2], [1] * 13, [40, 1, 0, 255, 3
 
 
 @pytest.mark.parametrize("device,backend", KERNEL_BACKENDS)
-@pytest.mark.parametrize("how", HOWS)
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("sizes", AGGREGATE_SIZES, ids=lambda sizes: f"n{len(sizes)}s{sum(sizes)}")
-def test_aggregate_steps_backends(device, backend, how, sizes):
+def test_aggregate_steps_backends(device, backend, method, sizes):
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
         steps = _ragged_steps(sizes, dtype, device, seed=len(sizes))
         offsets = _offsets(sizes, device)
-        out = fastsearch.aggregate_steps(steps, offsets, how=how, empty=-3.0, backend=backend)
-        ref = fastsearch.aggregate_steps(steps, offsets, how=how, empty=-3.0, backend="torch")
+        out = fastsearch.aggregate_steps(steps, offsets=offsets, method=method, empty=-3.0, backend=backend)
+        ref = fastsearch.aggregate_steps(steps, offsets=offsets, method=method, empty=-3.0, backend="torch")
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5, equal_nan=True)
 
 
 @pytest.mark.parametrize("device,backend", ALL_BACKENDS)
-@pytest.mark.parametrize("how", HOWS)
-def test_aggregate_steps_dense(device, backend, how):
+@pytest.mark.parametrize("method", METHODS)
+def test_aggregate_steps_dense(device, backend, method):
     steps = _ragged_steps([5] * 7, torch.float32, device, seed=5).view(7, 5)
-    out = fastsearch.aggregate_steps(steps, None, how=how, backend=backend)
-    ragged = fastsearch.aggregate_steps(steps.reshape(-1), _offsets([5] * 7, device), how=how, backend="torch")
+    out = fastsearch.aggregate_steps(steps, method=method, backend=backend)
+    ragged = fastsearch.aggregate_steps(steps.reshape(-1), offsets=_offsets([5] * 7, device), method=method,
+                                        backend="torch")
     torch.testing.assert_close(out, ragged, equal_nan=True)
-    empty = fastsearch.aggregate_steps(steps[:, :0], None, how=how, empty=0.25, backend=backend)
+    empty = fastsearch.aggregate_steps(steps[:, :0], method=method, empty=0.25, backend=backend)
     torch.testing.assert_close(empty, torch.full((7,), 0.25, device=device))
 
 
@@ -220,12 +221,12 @@ def test_prm_scores_backends(device, backend, dtype, sizes, hidden):
     hidden_states, positions, weight, head_bias = _prm_inputs(2 * steps + 3, hidden, steps, 2, dtype, device,
                                                               seed=hidden, bias=True)
     offsets = _offsets(sizes, device)
-    for how in HOWS:
-        kwargs = dict(head_bias=head_bias, positive_index=1, how=how, empty=-1.0)
-        scores, step_scores = fastsearch.prm_scores(hidden_states, positions, offsets, weight, backend=backend,
-                                                    **kwargs)
-        ref_scores, ref_steps = fastsearch.prm_scores(hidden_states, positions, offsets, weight, backend="torch",
-                                                      **kwargs)
+    for method in METHODS:
+        kwargs = dict(head_bias=head_bias, positive_index=1, method=method, empty=-1.0)
+        scores, step_scores = fastsearch.prm_scores(hidden_states, positions, weight, offsets=offsets,
+                                                    backend=backend, **kwargs)
+        ref_scores, ref_steps = fastsearch.prm_scores(hidden_states, positions, weight, offsets=offsets,
+                                                      backend="torch", **kwargs)
         torch.testing.assert_close(step_scores, ref_steps, atol=2e-6, rtol=1e-5)
         # logit_sum and prod amplify the step scores' last-bit differences
         torch.testing.assert_close(scores, ref_scores, atol=1e-5, rtol=1e-4)
@@ -234,10 +235,12 @@ def test_prm_scores_backends(device, backend, dtype, sizes, hidden):
 def test_prm_scores_is_step_scores_then_aggregate():
     sizes = [3, 0, 4, 1]
     hidden_states, positions, weight, _ = _prm_inputs(30, 17, 8, 2, torch.float32, "cpu")
-    for how in HOWS:
-        scores, steps = fastsearch.prm_scores(hidden_states, positions, _offsets(sizes), weight, how=how, empty=0.5)
+    for method in METHODS:
+        scores, steps = fastsearch.prm_scores(hidden_states, positions, weight, offsets=_offsets(sizes), method=method,
+                                              empty=0.5)
         torch.testing.assert_close(steps, fastsearch.prm_step_scores(hidden_states, positions, weight))
-        torch.testing.assert_close(scores, fastsearch.aggregate_steps(steps, _offsets(sizes), how=how, empty=0.5))
+        torch.testing.assert_close(scores, fastsearch.aggregate_steps(steps, offsets=_offsets(sizes), method=method,
+                                                                      empty=0.5))
 
 
 @pytest.mark.parametrize("device,backend", KERNEL_BACKENDS)
@@ -270,10 +273,10 @@ def _ensemble_inputs(verifiers, sizes, device, seed, dtype=torch.float32):
 
 
 @pytest.mark.parametrize("device,backend", KERNEL_BACKENDS)
-@pytest.mark.parametrize("how", ["rank", "zscore"])
+@pytest.mark.parametrize("method", ["rank", "zscore"])
 @pytest.mark.parametrize("verifiers,sizes", [(1, [1]), (3, [4, 0, 1, 6, 2]), (2, [0]), (4, [130, 7]), (2, [])],
                          ids=lambda v: str(v)[:10])
-def test_ensemble_scores_backends(device, backend, how, verifiers, sizes):
+def test_ensemble_scores_backends(device, backend, method, verifiers, sizes):
     for dtype in (torch.float32, torch.float16, torch.float64):
         scores = _ensemble_inputs(verifiers, sizes, device, seed=verifiers, dtype=dtype)
         weights = torch.arange(1, verifiers + 1, dtype=torch.float32, device=device)
@@ -281,86 +284,20 @@ def test_ensemble_scores_backends(device, backend, how, verifiers, sizes):
             weights[1] = 0.0
         offsets = _offsets(sizes, device)
         for w in (None, weights):
-            out = fastsearch.ensemble_scores(scores, offsets=offsets, how=how, weights=w, backend=backend)
-            ref = fastsearch.ensemble_scores(scores, offsets=offsets, how=how, weights=w, backend="torch")
+            out = fastsearch.ensemble_scores(scores, offsets=offsets, method=method, weights=w, backend=backend)
+            ref = fastsearch.ensemble_scores(scores, offsets=offsets, method=method, weights=w, backend="torch")
             torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5, equal_nan=True)
         if sizes:
-            whole = fastsearch.ensemble_scores(scores, how=how, backend=backend)
-            torch.testing.assert_close(whole, fastsearch.ensemble_scores(scores, how=how, backend="torch"),
+            whole = fastsearch.ensemble_scores(scores, method=method, backend=backend)
+            torch.testing.assert_close(whole, fastsearch.ensemble_scores(scores, method=method, backend="torch"),
                                        equal_nan=True)
     # equal scores that fp32 cannot sum exactly: z must be exactly 0, ranks all equal
     same = torch.full((verifiers, sum(sizes)), 0.1, device=device)
-    out = fastsearch.ensemble_scores(same, offsets=_offsets(sizes, device), how=how, backend=backend)
-    torch.testing.assert_close(out, fastsearch.ensemble_scores(same, offsets=_offsets(sizes, device), how=how,
+    out = fastsearch.ensemble_scores(same, offsets=_offsets(sizes, device), method=method, backend=backend)
+    torch.testing.assert_close(out, fastsearch.ensemble_scores(same, offsets=_offsets(sizes, device), method=method,
                                                                backend="torch"))
-    if how == "zscore":
+    if method == "zscore":
         assert bool((out == 0).all())
-
-
-# -- a transformers PRM head end to end ---------------------------------------------------------------------
-
-
-def _tiny_llama(tie):
-    transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(vocab_size=211, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie)
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config).eval()
-
-
-@pytest.mark.parametrize("tie", [False, True])
-@pytest.mark.parametrize("backend", ["torch"] + [p.values[1] for p in KERNEL_BACKENDS if p.values[0] == "cpu"])
-def test_prm_head_equals_full_logits_of_a_causal_lm(tie, backend):
-    model = _tiny_llama(tie)
-    good, bad, tag = 17, 23, 5
-    ids = torch.randint(30, 211, (3, 29), generator=torch.Generator().manual_seed(2))
-    ids[:, [6, 13, 28]] = tag
-    with torch.no_grad():
-        out = model(ids, output_hidden_states=True)
-    tag_rows = torch.nonzero(ids.reshape(-1) == tag).squeeze(-1)
-    expected = torch.softmax(out.logits.reshape(-1, 211)[tag_rows][:, [good, bad]].double(), -1)[:, 0].float()
-    head = fastsearch.lm_head_rows(model, [good, bad])
-    assert head.shape == (2, 48)
-    got = fastsearch.prm_step_scores(out.hidden_states[-1], tag_rows, head, backend=backend)
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-    scores, _ = fastsearch.prm_scores(out.hidden_states[-1], tag_rows, _offsets([3, 3, 3]), head, how="min",
-                                      backend=backend)
-    torch.testing.assert_close(scores, expected.view(3, 3).amin(-1), atol=1e-5, rtol=1e-5)
-
-
-class _BiasedHead(torch.nn.Module):
-    def __init__(self, scale_name=None, scale=1.0):
-        super().__init__()
-        self.body = torch.nn.Linear(6, 8)
-        self.head = torch.nn.Linear(8, 40, bias=True)
-        self.config = type("Config", (), {scale_name: scale} if scale_name else {})()
-
-    def get_output_embeddings(self):
-        return self.head
-
-
-@pytest.mark.parametrize("scale_name,scale", [(None, 1.0), ("logit_scale", 0.37), ("logits_scaling", 4.0)])
-def test_lm_head_rows_bias_and_logit_scaling(scale_name, scale):
-    torch.manual_seed(1)
-    model = _BiasedHead(scale_name, scale)
-    hidden = torch.randn(10, 8)
-    logits = model.head(hidden)
-    logits = logits * scale if scale_name == "logit_scale" else logits / scale
-    rows, bias = fastsearch.lm_head_rows(model, torch.tensor([3, 31]), with_bias=True)
-    got = fastsearch.prm_step_scores(hidden, torch.arange(10), rows, head_bias=bias)
-    torch.testing.assert_close(got, torch.softmax(logits[:, [3, 31]], -1)[:, 0], atol=1e-6, rtol=1e-5)
-    assert not rows.requires_grad
-
-
-def test_lm_head_rows_errors():
-    model = _BiasedHead()
-    with pytest.raises(ValueError, match=r"token_ids must be in \[0, V=40\)"):
-        fastsearch.lm_head_rows(model, [3, 40])
-    with pytest.raises(TypeError, match="get_output_embeddings"):
-        fastsearch.lm_head_rows(torch.nn.Linear(2, 2), [0])
-    model.config.final_logit_softcapping = 30.0
-    with pytest.raises(ValueError, match="soft-caps"):
-        fastsearch.lm_head_rows(model, [3, 4])
 
 
 # -- bad input -------------------------------------------------------------------------------------------
@@ -405,21 +342,21 @@ def test_step_offset_errors(device, backend):
     hidden_states, positions, weight, _ = _prm_inputs(10, 8, 4, 2, torch.float32, device)
     steps = torch.rand(4, device=device)
     with pytest.raises(ValueError, match=r"step_offsets must start at 0 and end at S=4, got 0 ... 5"):
-        fastsearch.prm_scores(hidden_states, positions, _offsets([2, 3], device), weight, backend=backend)
+        fastsearch.prm_scores(hidden_states, positions, weight, offsets=_offsets([2, 3], device), backend=backend)
     with pytest.raises(ValueError, match=r"end at S=4"):
-        fastsearch.aggregate_steps(steps, _offsets([1, 1], device), backend=backend)
+        fastsearch.aggregate_steps(steps, offsets=_offsets([1, 1], device), backend=backend)
     with pytest.raises(ValueError, match="non-decreasing"):
-        fastsearch.aggregate_steps(steps, torch.tensor([0, 3, 2, 4], device=device), backend=backend)
+        fastsearch.aggregate_steps(steps, offsets=torch.tensor([0, 3, 2, 4], device=device), backend=backend)
     with pytest.raises(ValueError, match="candidate 1 has no steps; pass empty="):
-        fastsearch.prm_scores(hidden_states, positions, _offsets([2, 0, 2], device), weight, backend=backend)
+        fastsearch.prm_scores(hidden_states, positions, weight, offsets=_offsets([2, 0, 2], device), backend=backend)
     with pytest.raises(ValueError, match="candidate 2 has no steps"):
-        fastsearch.aggregate_steps(steps, _offsets([2, 2, 0], device), how="mean", backend=backend)
-    with pytest.raises(ValueError, match="how must be one of"):
-        fastsearch.aggregate_steps(steps, _offsets([4], device), how="median", backend=backend)
+        fastsearch.aggregate_steps(steps, offsets=_offsets([2, 2, 0], device), method="mean", backend=backend)
+    with pytest.raises(ValueError, match="method must be one of"):
+        fastsearch.aggregate_steps(steps, offsets=_offsets([4], device), method="median", backend=backend)
     with pytest.raises(TypeError, match="step_offsets must be an int64 tensor"):
-        fastsearch.aggregate_steps(steps, _offsets([4], device).int(), backend=backend)
+        fastsearch.aggregate_steps(steps, offsets=_offsets([4], device).int(), backend=backend)
     with pytest.raises(ValueError, match=r"step_scores must be \[N, K\]"):
-        fastsearch.aggregate_steps(steps, None, backend=backend)
+        fastsearch.aggregate_steps(steps.view(2, 1, 2), backend=backend)
 
 
 @pytest.mark.parametrize("device,backend", ALL_BACKENDS)
@@ -437,8 +374,8 @@ def test_cosine_and_ensemble_errors(device, backend):
     scores = torch.randn(2, 5, device=device)
     with pytest.raises(ValueError, match=r"weights must be \[V=2\]"):
         fastsearch.ensemble_scores(scores, weights=[1.0, 2.0, 3.0], backend=backend)
-    with pytest.raises(ValueError, match="how must be one of"):
-        fastsearch.ensemble_scores(scores, how="borda", backend=backend)
+    with pytest.raises(ValueError, match="method must be one of"):
+        fastsearch.ensemble_scores(scores, method="borda", backend=backend)
     if device == "cpu":  # group offsets are value-checked where they live on the CPU (no device sync)
         with pytest.raises(ValueError, match="offsets must start at 0 and end at T=5"):
             fastsearch.ensemble_scores(scores, offsets=_offsets([2, 2], device), backend=backend)
@@ -482,7 +419,7 @@ def test_compile_fullgraph_prm_scores():
     offsets = _offsets([2, 3])
 
     def score(hidden):
-        candidate, steps = fastsearch.prm_scores(hidden, positions, offsets, weight, how="mean")
+        candidate, steps = fastsearch.prm_scores(hidden, positions, weight, offsets=offsets, method="mean")
         return candidate * 2, steps
 
     compiled = torch.compile(score, fullgraph=True, backend="aot_eager")

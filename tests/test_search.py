@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import gc
 import math
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 import torch
 from test_search_reference import DELIMITER, PROBLEMS, FakeGenerator, FakeVerifier
@@ -17,13 +20,12 @@ from fastsearch.search import (
     Strategy,
     beam_search,
     best_of_n,
-    compute_optimal,
     default_strategies,
     dvts,
     extract_answer,
     particle_filter,
 )
-from fastsearch.search.types import derive_seed
+from fastsearch.seeding import Stream, derive_seed
 
 SIM_PROBLEMS = reasoning.make_problems(12, seed=3)
 SIM_TEXTS = [p.text for p in SIM_PROBLEMS]
@@ -199,17 +201,21 @@ def _run(**overrides):
 @pytest.mark.parametrize("overrides,error,match", [
     ({"n": 6, "beam_width": 4}, ValueError, "n must be divisible by beam_width"),
     ({"problems": []}, ValueError, "problems is empty"),
-    ({"problems": "one problem"}, TypeError, "problems must be a list"),
+    ({"problems": "one problem"}, TypeError, "problems must be a sequence of strings"),
     ({"problems": ["ok", 3]}, TypeError, r"problems\[1\] must be a str"),
     ({"n": 0}, ValueError, "n must be at least 1"),
     ({"n": 4.0}, TypeError, "n must be an int"),
     ({"max_steps": 0}, ValueError, "max_steps must be at least 1"),
     ({"lookahead": -1}, ValueError, "lookahead must be at least 0"),
-    ({"temperature": -0.5}, ValueError, "temperature"),
+    ({"lookahead": "1"}, TypeError, "lookahead must be an int"),
+    ({"temperature": -0.5}, ValueError, "temperature must be >= 0"),
+    ({"temperature": "hot"}, TypeError, "temperature must be a float"),
     ({"vote": "best"}, ValueError, "vote must be one of"),
     ({"aggregate": "median"}, ValueError, "aggregate must be one of"),
-    ({"seed": -1}, ValueError, "seed"),
+    ({"seed": -1}, ValueError, r"seed must be in \[0, 2\*\*63\)"),
+    ({"seed": 1.5}, TypeError, "seed must be an int"),
     ({"step_delimiter": ""}, ValueError, "step_delimiter"),
+    ({"step_delimiter": 3}, TypeError, "step_delimiter must be a str"),
     ({"generator": object()}, TypeError, "generator must have a generate"),
     ({"verifier": object()}, TypeError, "verifier must have a score"),
     ({"answer_fn": "last line"}, TypeError, "answer_fn must be callable"),
@@ -223,8 +229,34 @@ def test_bad_input_raises(overrides, error, match):
 def test_particle_filter_bad_input():
     with pytest.raises(ValueError, match="resample must be one of"):
         particle_filter(PROBLEMS, FakeGenerator(), FakeVerifier(), n=4, resample="greedy")
-    with pytest.raises(ValueError, match="ess_threshold"):
+    with pytest.raises(ValueError, match="ess_threshold must be <= 1"):
         particle_filter(PROBLEMS, FakeGenerator(), FakeVerifier(), n=4, ess_threshold=1.5)
+    with pytest.raises(TypeError, match="ess_threshold must be a float"):
+        particle_filter(PROBLEMS, FakeGenerator(), FakeVerifier(), n=4, ess_threshold="half")
+
+
+_SEARCH_FUNCTIONS = {"best_of_n": best_of_n, "beam_search": beam_search, "dvts": dvts,
+                     "particle_filter": particle_filter}
+_SMALLEST = {"best_of_n": {"n": 2}, "beam_search": {"n": 2, "beam_width": 2, "max_steps": 2},
+             "dvts": {"n": 2, "beam_width": 2, "max_steps": 2}, "particle_filter": {"n": 2, "max_steps": 2}}
+
+
+@pytest.mark.parametrize("name,option", [(name, option) for name, options in _SMALLEST.items()
+                                         for option in [*options, "max_tokens"]])
+def test_counts_are_checked_alike(name, option):
+    """Every count of every search: TypeError for a non-int (a str, a bool), ValueError below 1; numpy ints pass."""
+    def call(value):
+        options = {**_SMALLEST[name], "max_tokens": 64, "seed": 0, option: value}
+        return _SEARCH_FUNCTIONS[name](PROBLEMS, FakeGenerator(), FakeVerifier(), **options)
+
+    with pytest.raises(TypeError, match=f"{option} must be an int, got str"):
+        call("3")
+    with pytest.raises(TypeError, match=f"{option} must be an int, got bool"):
+        call(True)
+    with pytest.raises(ValueError, match=f"{option} must be at least 1, got 0"):
+        call(0)
+    valid = _SMALLEST[name].get(option, 64)
+    assert call(np.int64(valid)).candidates == call(valid).candidates
 
 
 class _Wrong:
@@ -308,14 +340,14 @@ def test_compute_optimal_fits_and_dispatches():
     for g in (0, 4, 9):
         s = next(i for i, strategy in enumerate(policy.strategies) if strategy.name == names[g])
         strategy = policy.strategies[s]
-        alone = strategy.search([SIM_TEXTS[g]], generator, prm, seed=derive_seed(3, compute_optimal._SEARCH_STREAM, s),
+        alone = strategy.search([SIM_TEXTS[g]], generator, prm, seed=derive_seed(3, Stream.SEARCH, s),
                                 **strategy.settings(16), **policy.options)
         start, end = int(result.offsets[g]), int(result.offsets[g + 1])
         assert result.candidates[start:end] == alone.candidates
         assert result.answers[g] == alone.answers[0]
         assert result.completions[g] == result.candidates[int(result.chosen[g])]
     # the difficulty estimate is paid for: its call, tokens and scores are in what the search spent
-    difficulty, probe = policy.difficulty(SIM_TEXTS, generator, prm, seed=derive_seed(3, compute_optimal._PROBE_STREAM))
+    difficulty, probe = policy.difficulty(SIM_TEXTS, generator, prm, seed=derive_seed(3, Stream.PROBE))
     torch.testing.assert_close(difficulty, result.info["difficulty"])
     searches = [policy.strategies[s] for s in sorted({[t.name for t in policy.strategies].index(n) for n in names})]
     assert result.spent.generator_calls > probe.generator_calls + len(searches) - 1
@@ -331,6 +363,16 @@ def test_compute_optimal_bad_use():
         ComputeOptimal(options={"n": 4})
     with pytest.raises(TypeError, match="strategies"):
         ComputeOptimal([best_of_n])
+    with pytest.raises(TypeError, match="bins must be an int"):
+        ComputeOptimal(bins="3")
+    with pytest.raises(ValueError, match="probe_n must be at least 1"):
+        ComputeOptimal(probe_n=0)
+    with pytest.raises(TypeError, match=r"budgets\[1\] must be an int"):
+        ComputeOptimal().fit(SIM_TEXTS, ["1"] * len(SIM_TEXTS), reasoning.SimulatedGenerator(),
+                             reasoning.SimulatedPRM(), budgets=(4, "16"))
+    with pytest.raises(TypeError, match="seed must be an int"):
+        ComputeOptimal().fit(SIM_TEXTS, ["1"] * len(SIM_TEXTS), reasoning.SimulatedGenerator(),
+                             reasoning.SimulatedPRM(), seed=None)
     fitted = _fitted()
     with pytest.raises(ValueError, match="budget must be one of the fitted budgets"):
         fitted.search(SIM_TEXTS, reasoning.SimulatedGenerator(), reasoning.SimulatedPRM(), budget=8)
@@ -343,3 +385,12 @@ def test_strategy_settings_follow_the_budget():
     assert strategies["beam_search(M=4)"].settings(6) is None
     custom = Strategy("bon8", best_of_n, lambda budget: {"n": budget})
     assert custom.settings(8) == {"n": 8}
+
+
+def test_search_package_imports_no_embedded_model():
+    """The layers point one way: fastsearch.models (and the demos) build on fastsearch.search, never back."""
+    code = ("import sys, fastsearch.search\n"
+            "assert not [m for m in sys.modules if m.startswith(('fastsearch.models', 'fastsearch.demos'))]\n"
+            "print('ok')")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr

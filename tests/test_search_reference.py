@@ -18,8 +18,7 @@ import torch
 
 from fastsearch.ops.noise import philox_uniforms
 from fastsearch.search import Completion, beam_search, best_of_n, dvts, extract_answer, particle_filter
-from fastsearch.search._run import GENERATE_STREAM, RESAMPLE_STREAM
-from fastsearch.search.types import derive_seed
+from fastsearch.seeding import Stream, derive_seed
 
 DELIMITER = "\n\n"
 PROBLEMS = [f"problem {i}: take {3 + i % 4} steps" for i in range(5)]
@@ -317,7 +316,7 @@ def reference_particle_filter(generator, verifier, n, max_steps, *, method, thre
             weights = [math.exp(w - top) for w in log_weights]
             ess = sum(weights) ** 2 / sum(w * w for w in weights)
             if ess < threshold * n:
-                ancestors = _resample(log_weights, method, derive_seed(seed, RESAMPLE_STREAM, step), g)
+                ancestors = _resample(log_weights, method, derive_seed(seed, Stream.RESAMPLE, step), g)
                 particles = [particles[a] for a in ancestors]
         texts = [p[0][len(prefix):] for p in particles]
         scores = [p[3] for p in particles]
@@ -441,5 +440,5 @@ def test_seeds_reach_the_generator():
             return generator.generate(prompts, **options)
 
     beam_search(PROBLEMS, Recording(), FakeVerifier(), n=4, beam_width=2, max_steps=3, seed=9, max_tokens=64)
-    assert seen == [derive_seed(9, GENERATE_STREAM, i) for i in range(len(seen))]
+    assert seen == [derive_seed(9, Stream.GENERATE, i) for i in range(len(seen))]
     assert len(set(seen)) == len(seen)

@@ -41,14 +41,14 @@ def _plain_topk(values, k, largest, selectable):
     return [v for v, _ in chosen] + [pad] * (k - len(chosen)), [i for _, i in chosen] + [-1] * (k - len(chosen))
 
 
-def _plain_vote(keys, scores, selectable, mode):
-    voters = [i for i in range(len(keys)) if selectable[i] and (mode == "majority" or not math.isnan(scores[i]))]
+def _plain_vote(keys, scores, selectable, method):
+    voters = [i for i in range(len(keys)) if selectable[i] and (method == "majority" or not math.isnan(scores[i]))]
     if not voters:
         return -1
     first = {}
     for i in voters:
         first.setdefault(keys[i], i)
-    if mode == "majority":
+    if method == "majority":
         counts, best, winner = {}, 0, None
         top = max(sum(1 for j in voters if keys[j] == keys[i]) for i in voters)
         for i in voters:
@@ -56,7 +56,7 @@ def _plain_vote(keys, scores, selectable, mode):
             if counts[keys[i]] == top and winner is None:
                 winner = keys[i]
         return first[winner]
-    if mode == "weighted":
+    if method == "weighted":
         totals = {}
         for i in voters:
             totals[keys[i]] = totals.get(keys[i], 0.0) + scores[i]
@@ -87,19 +87,19 @@ def test_reference_topk_is_plain_sort(sizes, k, largest, seed):
 
 
 @settings(max_examples=60, deadline=None)
-@given(sizes=st.lists(st.integers(0, 8), min_size=1, max_size=5), mode=st.sampled_from(["majority", "weighted", "max"]),
-       seed=st.integers(0, 1000))
-def test_reference_vote_is_plain_vote(sizes, mode, seed):
+@given(sizes=st.lists(st.integers(0, 8), min_size=1, max_size=5),
+       method=st.sampled_from(["majority", "weighted", "max"]), seed=st.integers(0, 1000))
+def test_reference_vote_is_plain_vote(sizes, method, seed):
     g = torch.Generator().manual_seed(seed)
     keys = torch.randint(0, 3, (sum(sizes),), generator=g)
     scores = _ragged_scores(sizes, seed + 1, specials=False)
     scores[torch.rand(len(scores), generator=g) < 0.1] = NAN
     mask = torch.rand(len(scores), generator=g) > 0.15
-    winners = fastsearch.vote(keys, scores, mode=mode, offsets=_offsets(sizes), mask=mask, backend="torch")
+    winners = fastsearch.vote(keys, scores, method=method, offsets=_offsets(sizes), mask=mask, backend="torch")
     start = 0
     for group, size in enumerate(sizes):
         plain = _plain_vote(keys[start:start + size].tolist(), scores[start:start + size].tolist(),
-                            mask[start:start + size].tolist(), mode)
+                            mask[start:start + size].tolist(), method)
         assert winners[group].item() == (plain + start if plain >= 0 else -1)
         start += size
 
@@ -255,17 +255,17 @@ def test_effective_sample_size(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", KERNEL_BACKENDS)
-@pytest.mark.parametrize("mode", ["majority", "weighted", "max"])
+@pytest.mark.parametrize("method", ["majority", "weighted", "max"])
 @pytest.mark.parametrize("sizes", RAGGED_SIZES, ids=str)
-def test_vote_matches_reference(device, backend, mode, sizes):
+def test_vote_matches_reference(device, backend, method, sizes):
     g = torch.Generator().manual_seed(7)
     total = sum(sizes)
     keys = torch.randint(0, 5, (total,), generator=g).to(device)
     scores = (torch.randint(0, 4, (total,), generator=g).float() / 4).to(device)  # integer-ish: exact ties
     mask = (torch.rand(total, generator=g) > 0.1).to(device)
     offsets = _offsets(sizes, device)
-    out = fastsearch.vote(keys, scores, mode=mode, offsets=offsets, mask=mask, backend=backend)
-    ref = fastsearch.vote(keys, scores, mode=mode, offsets=offsets, mask=mask, backend="torch")
+    out = fastsearch.vote(keys, scores, method=method, offsets=offsets, mask=mask, backend=backend)
+    ref = fastsearch.vote(keys, scores, method=method, offsets=offsets, mask=mask, backend="torch")
     assert torch.equal(out, ref)
 
 
@@ -273,14 +273,14 @@ def test_vote_matches_reference(device, backend, mode, sizes):
 def test_sequence_keys(device, backend):
     tokens = torch.tensor([1, 2, 3, 1, 2, 3, 3, 2, 1, 7, 1, 2], device=device)
     offsets = torch.tensor([0, 3, 6, 9, 9, 10, 12], device=device)
-    keys = fastsearch.sequence_keys(tokens, offsets, backend=backend)
+    keys = fastsearch.sequence_keys(tokens, offsets=offsets, backend=backend)
     assert keys.dtype == torch.int64 and keys.shape == (6,)
     assert keys[0] == keys[1]  # equal sequences, equal keys
     assert len(set(keys.tolist())) == 5  # order matters, lengths matter
     assert keys[5] != keys[0]  # a prefix differs from the whole
-    ref = fastsearch.sequence_keys(tokens, offsets, backend="torch")
+    ref = fastsearch.sequence_keys(tokens, offsets=offsets, backend="torch")
     assert torch.equal(keys, ref)
-    assert torch.equal(fastsearch.sequence_keys(tokens.int(), offsets, backend=backend), ref)
+    assert torch.equal(fastsearch.sequence_keys(tokens.int(), offsets=offsets, backend=backend), ref)
 
 
 def test_sequence_keys_spread():
@@ -288,7 +288,7 @@ def test_sequence_keys_spread():
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, 50, (40000,), generator=g)
     offsets = torch.arange(0, 40001, 4)
-    keys = fastsearch.sequence_keys(tokens, offsets, backend="torch")
+    keys = fastsearch.sequence_keys(tokens, offsets=offsets, backend="torch")
     distinct = len(set(map(tuple, tokens.view(-1, 4).tolist())))
     assert len(set(keys.tolist())) == distinct
     bits = ((keys[:, None] >> torch.arange(64)) & 1).float().mean(0)
@@ -313,7 +313,7 @@ def test_selection_bad_input(device, backend):
     with pytest.raises(TypeError, match="answer_keys"):
         fastsearch.vote(scores, offsets=offsets, backend=backend)
     with pytest.raises(ValueError, match="scores"):
-        fastsearch.vote(torch.zeros(10, dtype=torch.int64, device=device), mode="weighted", offsets=offsets,
+        fastsearch.vote(torch.zeros(10, dtype=torch.int64, device=device), method="weighted", offsets=offsets,
                         backend=backend)
     dead = torch.tensor([0.0, 1.0, -INF, -INF], device=device)
     with pytest.raises(ValueError, match="group 1"):
@@ -321,4 +321,4 @@ def test_selection_bad_input(device, backend):
     with pytest.raises(ValueError, match="method"):
         fastsearch.resample(scores[None], 3, method="bogus", seed=0, backend=backend)
     with pytest.raises(TypeError, match="token_ids"):
-        fastsearch.sequence_keys(scores, offsets, backend=backend)
+        fastsearch.sequence_keys(scores, offsets=offsets, backend=backend)

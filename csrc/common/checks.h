@@ -3,7 +3,12 @@
 // The Python backends run the same checks in fastsearch/ops/_common.py.
 #pragma once
 
+#include <ATen/core/Tensor.h>
+// The CUDA bindings (built into _C only) reach at::empty through these headers. The CPU kernels, compiled
+// once per capability, include only what they use: <ATen/ATen.h> costs each of their builds seconds.
+#if defined(FASTSEARCH_WITH_CUDA)
 #include <ATen/ATen.h>
+#endif
 
 #include <optional>
 #include <string>

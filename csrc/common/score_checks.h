@@ -5,7 +5,7 @@
 // the CPU (on a GPU that would need a device sync; the CUDA binding does its own).
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <algorithm>
 #include <charconv>

@@ -6,7 +6,7 @@
 // kernels; report_resample_errors turns what they found into the Python check's errors.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <initializer_list>
 #include <optional>

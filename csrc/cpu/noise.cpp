@@ -1,6 +1,6 @@
 // CPU kernels of the Philox Gaussian stream (randn_fill_) and of zero-order search neighbours
 // (zo_neighbors); formulas in csrc/README.md.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/Dispatch_v2.h>
 #include <ATen/EmptyTensor.h>
 #include <torch/library.h>

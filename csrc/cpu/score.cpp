@@ -7,7 +7,7 @@
 // chunk of kHiddenChunk columns) pairs, so that a few long rows still spread over the threads; a step's
 // chunk partials are summed in chunk order by whichever thread finishes the step, so results do not depend
 // on the thread count. Sums over steps and group members run in fp64, rounded once to fp32.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/Dispatch_v2.h>
 #include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>

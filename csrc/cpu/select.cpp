@@ -9,9 +9,14 @@
 // without dedup keys and k <= 8 (a beam search's usual call) finds its few best with vector min/max
 // instead, branch-free (take_best). Equal int64 keys (beam_prune's dedup keys, vote's answers) are grouped
 // by a small open-addressing table.
-// Weights are fp32 as in the reference (exp and pow from at::vec, which agree with torch's to an ulp or
-// two), and sums run in fp64, rounded once to fp32 (torch's cumsum does the same).
-#include <ATen/ATen.h>
+// Weights are fp32 as in the reference (exp and pow within an ulp of the exact values, as torch's are), and
+// sums run in fp64, rounded once to fp32 (torch's cumsum does the same).
+//
+// Compiled once per CPU capability (csrc/README.md), and every build gives the same bits: the AVX2 paths
+// below only compare, convert and divide (exact in any width), exp is written here with exactly rounded
+// operations (Sleef's vector exp and libm's expf, which the default build's at::vec calls, differ in the
+// last place), and pow is libm's in every build.
+#include <ATen/core/Tensor.h>
 #include <ATen/Dispatch_v2.h>
 #include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
@@ -446,18 +451,21 @@ inline bool narrow_to_float(const int64_t* in, __m256& out) {
   return true;
 }
 
-// transform(static_cast<float>(in[i])) into out[i], for i < size; transform maps a FloatVec to a FloatVec.
+// transform(static_cast<float>(in[i])) into out[i], for i < size; transform maps 8 floats (an __m256, so
+// that the AVX512 build, whose FloatVec holds 16, runs this loop unchanged) to 8 floats.
 template <typename Transform>
 void int64_to_float(const int64_t* in, int64_t size, float* out, const Transform& transform) {
   for (int64_t start = 0; start < size; start += kKeyLanes) {
     const int64_t lanes = std::min(kKeyLanes, size - start);
     __m256 narrowed;
     if (lanes == kKeyLanes && narrow_to_float(in + start, narrowed)) {
-      transform(FloatVec(narrowed)).store(out + start);
+      _mm256_storeu_ps(out + start, transform(narrowed));
       continue;
     }
-    for (int64_t i = start; i < start + lanes; ++i) out[i] = static_cast<float>(in[i]);
-    transform(FloatVec::loadu(out + start, lanes)).store(out + start, lanes);
+    alignas(32) float wide[kKeyLanes] = {};
+    for (int64_t lane = 0; lane < lanes; ++lane) wide[lane] = static_cast<float>(in[start + lane]);
+    _mm256_store_ps(wide, transform(_mm256_load_ps(wide)));
+    std::memcpy(out + start, wide, lanes * sizeof(float));
   }
 }
 #endif
@@ -556,7 +564,7 @@ std::tuple<at::Tensor, at::Tensor> segmented_topk(const at::Tensor& scores, cons
 // -- beam_prune ------------------------------------------------------------------------------------------
 
 // The divisor lengths.float() ** p as torch computes it: exponent 1 is the length itself, 2 its square
-// and 0.5 its sqrt (torch's special cases, exact); any other exponent takes the vectorised pow of at::vec.
+// and 0.5 its sqrt (torch's special cases, exact); any other exponent takes libm's powf.
 enum class PenaltyForm { kNone, kLength, kSquare, kSquareRoot, kPower };
 
 // Integer lengths count tokens, so the lengths of a call span a short range: a general pow (a few dozen
@@ -574,13 +582,40 @@ struct LengthPenalty {
   const float* table = nullptr;  // the divisors of lengths table_first, table_first + 1, ..., or null
   int64_t table_first = 0;
 
-  // The divisors of 8 fp32 lengths.
+  // lanes[i] = lanes[i] ** exponent, by libm one lane at a time: what the default build's at::vec does,
+  // so that every build rounds alike (Sleef's vector pow does not).
+  template <size_t kLanes>
+  void power_in_place(float (&lanes)[kLanes]) const {
+    for (float& lane : lanes) lane = std::pow(lane, exponent);
+  }
+
+  // The divisors of a vector of fp32 lengths.
   FloatVec divisor(const FloatVec& length) const {
     if (form == PenaltyForm::kSquare) return length * length;
     if (form == PenaltyForm::kSquareRoot) return length.sqrt();
-    if (form == PenaltyForm::kPower) return length.pow(FloatVec(exponent));
+    if (form == PenaltyForm::kPower) {
+      alignas(64) float lanes[FloatVec::size()];
+      length.store(lanes);
+      power_in_place(lanes);
+      return FloatVec::loadu(lanes);
+    }
     return length;
   }
+
+#if defined(__AVX2__)
+  // The divisors of 8 fp32 lengths, for the 256-bit paths.
+  __m256 divisor(__m256 length) const {
+    if (form == PenaltyForm::kSquare) return _mm256_mul_ps(length, length);
+    if (form == PenaltyForm::kSquareRoot) return _mm256_sqrt_ps(length);
+    if (form == PenaltyForm::kPower) {
+      alignas(32) float lanes[8];
+      _mm256_store_ps(lanes, length);
+      power_in_place(lanes);
+      return _mm256_load_ps(lanes);
+    }
+    return length;
+  }
+#endif
 
   // divisors[i] = the divisor of the fp32 length lengths[i], for i < size (in place is fine).
   void divisors_of(const float* lengths_in, int64_t size, float* divisors) const {
@@ -602,7 +637,7 @@ struct LengthPenalty {
 #if defined(__AVX2__)
     if (length_type == at::kLong) {  // token counts, the usual lengths: converted and raised in one pass
       int64_to_float(static_cast<const int64_t*>(lengths) + begin, size, divisors,
-                     [&](const FloatVec& length) { return divisor(length); });
+                     [&](__m256 length) { return divisor(length); });
       return;
     }
 #endif
@@ -671,7 +706,7 @@ void adjust_and_rank(const scalar_t* scores, const LengthPenalty& penalty, const
         for (int64_t lane = 0; lane < kKeyLanes; ++lane) wide[lane] = static_cast<float>(lengths[start + lane]);
         length = _mm256_load_ps(wide);
       }
-      value = _mm256_div_ps(value, penalty.divisor(FloatVec(length)));
+      value = _mm256_div_ps(value, penalty.divisor(length));
     } else if (divisors != nullptr) {
       value = _mm256_div_ps(value, _mm256_loadu_ps(divisors + start));
     }
@@ -851,6 +886,39 @@ struct WeightScratch {
   std::vector<float> uniforms;
 };
 
+// x rounded to an integer (to nearest, ties to even), for |x| < 2^22: adding 1.5 * 2^23 leaves no fraction
+// bits. Plain adds, unlike round(), which the default build's at::vec calls libm for, lane by lane.
+inline FloatVec round_to_integer(const FloatVec& x) {
+  const FloatVec shifter(12582912.0f);
+  return (x + shifter) - shifter;
+}
+
+// 2^k for integer-valued k in [-126, 127]: the exponent field k + 127, placed by a multiply by 2^23.
+inline FloatVec power_of_two(const FloatVec& k) {
+  return at::vec::cast<float>(at::vec::convert_to_int_of_same_size((k + FloatVec(127.0f)) * FloatVec(8388608.0f)));
+}
+
+// e^x (x not NaN), within an ulp of the exact value: Cephes' expf, a Cody-Waite reduction x = n ln2 + r and
+// a degree-7 polynomial in r. Only exactly rounded operations (no FMA: the build turns contraction off), so
+// every build gives the same bits, and at the vector builds' speed (0.5 ns a lane, libm's expf 3 to 7).
+inline FloatVec exp_same_in_every_build(const FloatVec& x) {
+  // Beyond these e^x overflows (x > 88.73) or rounds to zero (x < -103.98), as it still does when clamped.
+  const FloatVec clamped = at::vec::clamp(x, FloatVec(-104.0f), FloatVec(89.0f));
+  const FloatVec n = round_to_integer(clamped * FloatVec(1.44269504088896341f));
+  // ln 2 in two parts; n times the first, 0.693359375 (9 bits), is exact.
+  const FloatVec r = (clamped - n * FloatVec(0.693359375f)) - n * FloatVec(-2.12194440e-4f);
+  FloatVec p(1.9875691500e-4f);
+  p = p * r + FloatVec(1.3981999507e-3f);
+  p = p * r + FloatVec(8.3334519073e-3f);
+  p = p * r + FloatVec(4.1665795894e-2f);
+  p = p * r + FloatVec(1.6666665459e-1f);
+  p = p * r + FloatVec(5.0000001201e-1f);
+  const FloatVec e_r = (p * (r * r) + r) + FloatVec(1.0f);
+  // 2^n (n in [-150, 128]) as two normal factors: the product rounds once, into the subnormals too.
+  const FloatVec half = round_to_integer(n * FloatVec(0.5f));
+  return e_r * power_of_two(half) * power_of_two(n - half);
+}
+
 // w = exp(lw - max) of one group into w[0, size), in fp32 as the reference computes it; returns the
 // max, NaN when a log-weight is NaN (w then unset). A max of -inf (empty or all -inf) leaves zeros.
 float group_weights(at::ScalarType dtype, const void* log_weights, int64_t begin, int64_t size, float* w) {
@@ -863,7 +931,7 @@ float group_weights(at::ScalarType dtype, const void* log_weights, int64_t begin
   const FloatVec shift(std::isfinite(top) ? top : 0.0f);
   for (int64_t start = 0; start < size; start += FloatVec::size()) {
     const int64_t lanes = std::min<int64_t>(FloatVec::size(), size - start);
-    (FloatVec::loadu(w + start, lanes) - shift).exp().store(w + start, lanes);
+    exp_same_in_every_build(FloatVec::loadu(w + start, lanes) - shift).store(w + start, lanes);
   }
   return top;
 }

@@ -1,7 +1,7 @@
 // CPU kernels of the sampler steps (DDIM, flow-matching Euler / Heun, re-noising); formulas in
 // csrc/README.md. Each step is one pass: per-sample coefficients in fp32, then an affine combination of
 // the inputs (and the noise) per element, with the noise drawn in-kernel when given a seed.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/Dispatch_v2.h>
 #include <ATen/EmptyTensor.h>
 #include <torch/library.h>

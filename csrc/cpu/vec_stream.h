@@ -1,6 +1,8 @@
 // What the CPU kernels share: the Gaussian stream of common/philox.h, vectorised (Philox4x32-10 on many
 // counters at once with AVX2 integer intrinsics where the build has them, Box-Muller on at::vec floats),
 // fp32/fp16/bf16 loads and stores through fp32 vectors, and the parallel chunked element loop.
+// Compiled once per CPU capability (csrc/README.md): FloatVec is 8 lanes wide under AVX2, 16 under AVX512
+// and a plain array under the default build; the AVX2 intrinsics below run under AVX512 as well.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -95,10 +97,13 @@ inline void philox_units(uint64_t seed, uint64_t first_counter, float (&units)[4
 #endif
 }
 
-// ln(x), and (sin(x), cos(x)) in one range reduction: the 3.5-ulp Sleef variants, which keep the
-// stream within 1e-5 of the reference, where at::vec would call the slower 1-ulp ones one at a time.
+// ln(x), and (sin(x), cos(x)) in one range reduction: the 3.5-ulp Sleef variants of the vector width, which
+// keep the stream within 1e-5 of the reference, where at::vec would call the slower 1-ulp ones one at a
+// time. The default build has no Sleef: at::vec calls libm per lane there.
 inline FloatVec log_u35(const FloatVec& x) {
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX512)
+  return Sleef_logf16_u35(x);
+#elif defined(CPU_CAPABILITY_AVX2)
   return Sleef_logf8_u35(x);
 #else
   return x.log();
@@ -106,7 +111,10 @@ inline FloatVec log_u35(const FloatVec& x) {
 }
 
 inline std::pair<FloatVec, FloatVec> sin_cos_u35(const FloatVec& x) {
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX512)
+  const Sleef___m512_2 sin_cos = Sleef_sincosf16_u35(x);
+  return {sin_cos.x, sin_cos.y};
+#elif defined(CPU_CAPABILITY_AVX2)
   const Sleef___m256_2 sin_cos = Sleef_sincosf8_u35(x);
   return {sin_cos.x, sin_cos.y};
 #else

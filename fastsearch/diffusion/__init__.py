@@ -3,12 +3,19 @@
 - :class:`DDIMSampler`, :class:`FlowSampler`: run samples from any per-sample step to any other on the fused
   step kernels, with exact NFE accounting; build them from diffusers schedulers with ``from_diffusers``.
 - :func:`random_search`, :func:`zero_order_search`, :func:`paths_search` (Ma et al. 2025), :func:`fk_steering`
-  (Singhal et al. 2025) and the :func:`no_search` baseline, each returning a :class:`SearchResult`.
+  (Singhal et al. 2025) and the :func:`no_search` baseline, each returning a :class:`NoiseSearchResult`.
+- :class:`RandomSearch`, :class:`ZeroOrderSearch`, :class:`PathsSearch`, :class:`FKSteering`: each algorithm's
+  options, checked when built; :func:`fastsearch.integrations.diffusers.search_pipeline` takes them.
+
+The searches are built from :mod:`fastsearch.diffusion.core` (result, budgets, ranking, best-so-far tracking, the
+zero-order round), :mod:`~fastsearch.diffusion.path_plan` and :mod:`~fastsearch.diffusion.particles`, which the
+searches through a diffusers pipeline share.
 """
 
+from fastsearch.diffusion.core import NoiseSearchResult
+from fastsearch.diffusion.options import FKSteering, PathsSearch, RandomSearch, ZeroOrderSearch
 from fastsearch.diffusion.samplers import DDIMSampler, FlowSampler, Sampler, SamplerOutput
 from fastsearch.diffusion.search import (
-    SearchResult,
     fk_steering,
     no_search,
     paths_search,
@@ -18,10 +25,14 @@ from fastsearch.diffusion.search import (
 
 __all__ = [
     "DDIMSampler",
+    "FKSteering",
     "FlowSampler",
+    "NoiseSearchResult",
+    "PathsSearch",
+    "RandomSearch",
     "Sampler",
     "SamplerOutput",
-    "SearchResult",
+    "ZeroOrderSearch",
     "fk_steering",
     "no_search",
     "paths_search",

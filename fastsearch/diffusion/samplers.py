@@ -14,48 +14,34 @@ Protocol:
 
 Conditioning rule:
     In ``sample(model, x, **cond)``, a tensor in ``cond`` whose first dimension equals ``B = x.shape[0]`` is
-    per-sample: when a subset of the samples (or a chunk of ``batch_size`` rows) is evaluated, the same rows of
-    that tensor are passed. Anything else (non-tensors, 0-d tensors, tensors with another first dimension) is
-    passed unchanged to every call. A shared tensor that happens to have B rows would be split: pass it
-    through a closure instead.
+    per-sample and follows the rows evaluated (:mod:`fastsearch.diffusion.batching`); anything else is passed
+    unchanged to every call.
 
 NFE accounting: one NFE per sample per model evaluation. Euler and DDIM steps cost 1; a Heun step costs 2,
 except the final step into sigma 0, which is plain Euler (1), as in diffusers' FlowMatchHeunDiscreteScheduler.
 
 Noise (DDIM with ``eta > 0``, stochastic flow) is drawn in-kernel from the Philox stream: iteration ``j`` of a
-``sample`` call uses seed ``derive_seed(seed, j)`` over the rows stepped at that iteration, so the same seed and
-the same inputs give the same result.
+``sample`` call uses seed ``fastsearch.seeding.derive_seed(seed, j)`` over the rows stepped at that iteration, so
+the same seed and the same inputs give the same result.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import NamedTuple
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 import fastsearch
-from fastsearch.ops._common import fresh_seed, seed_arg
+from fastsearch.checks import check_choice, check_float, check_int, check_optional_int
+from fastsearch.diffusion.batching import Conditioning, ModelCall
+from fastsearch.diffusion.schedules import ddim_timesteps, flow_sigmas
+from fastsearch.ops.steps import PREDICTION_TYPES
+from fastsearch.seeding import derive_seed, resolve_seed
 
-_MASK64 = (1 << 64) - 1
-_GOLDEN = 0x9E3779B97F4A7C15
-_TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
-_PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
-_SOLVERS = ("euler", "heun")
-
-
-def derive_seed(seed: int, *keys: int) -> int:
-    """A child seed in [0, 2**63) for the stream named by ``keys`` under ``seed`` (splitmix64 chain)."""
-    state = seed & _MASK64
-    for key in keys:
-        state = (state + _GOLDEN * (key + 1)) & _MASK64
-        state = ((state ^ (state >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-        state = ((state ^ (state >> 27)) * 0x94D049BB133111EB) & _MASK64
-        state ^= state >> 31
-    return state >> 1
+SOLVERS = ("euler", "heun")
 
 
 class SamplerOutput(NamedTuple):
@@ -71,104 +57,6 @@ class SamplerOutput(NamedTuple):
     sample: torch.Tensor
     pred_original_sample: torch.Tensor
     nfe: int
-
-
-class Conditioning:
-    """Keyword conditioning that follows the rows of a batch (the rule in this module's docstring).
-
-    Args:
-        cond: the keyword arguments.
-        size: a tensor whose first dimension equals ``size`` is per-row.
-        index: optional int64 [B] tensor mapping each batch row to its row of the per-row tensors (e.g. the
-            prompt of each candidate); None when batch row ``r`` is per-row tensor row ``r``.
-    """
-
-    def __init__(self, cond: dict, size: int, index: torch.Tensor | None = None):
-        self.shared = {}
-        self.per_row = {}
-        for name, value in cond.items():
-            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == size:
-                self.per_row[name] = value
-            else:
-                self.shared[name] = value
-        self.index = index
-
-    def take(self, rows: slice | torch.Tensor) -> dict:
-        """The conditioning of batch rows ``rows`` (a slice, or an int64 tensor on the per-row tensors' device)."""
-        if not self.per_row:
-            return self.shared
-        if self.index is not None:
-            rows = self.index[rows]
-        elif isinstance(rows, slice) and rows == slice(None):
-            return {**self.shared, **self.per_row}
-        taken = {name: value[rows] if isinstance(rows, slice) else value.index_select(0, rows.to(value.device))
-                 for name, value in self.per_row.items()}
-        return {**self.shared, **taken}
-
-
-def call_in_chunks(fn: Callable, inputs: Sequence[torch.Tensor], cond: Conditioning, rows: slice | torch.Tensor,
-                   batch_size: int | None, check: Callable[[object, torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """``fn(*inputs, **cond)`` over chunks of at most ``batch_size`` rows, concatenated.
-
-    ``rows`` names the batch rows of ``inputs`` for the conditioning: ``slice(None)`` (row r is batch row r) or an
-    int64 index tensor. ``check(output, first_input_chunk)`` validates one chunk's output and returns it as a tensor.
-    """
-    count = inputs[0].shape[0]
-    if batch_size is None or count <= batch_size:
-        return check(fn(*inputs, **cond.take(rows)), inputs[0])
-    outputs = []
-    for begin in range(0, count, batch_size):
-        end = min(begin + batch_size, count)
-        chunk_rows = slice(begin, end) if isinstance(rows, slice) else rows[begin:end]
-        chunk = [value[begin:end] for value in inputs]
-        outputs.append(check(fn(*chunk, **cond.take(chunk_rows)), chunk[0]))
-    return torch.cat(outputs)
-
-
-def _check_model_output(output, x: torch.Tensor) -> torch.Tensor:
-    if not isinstance(output, torch.Tensor):
-        raise TypeError(f"model must return a tensor, got {type(output).__name__}")
-    if output.shape != x.shape:
-        raise ValueError(f"model returned shape {list(output.shape)} for samples of shape {list(x.shape)}; a denoiser "
-                         "returns one output like x per sample")
-    return output.to(x.dtype)
-
-
-class _ModelCall:
-    """The model, its conditioning and chunking, counting NFEs and reporting them to ``on_nfe``."""
-
-    def __init__(self, model: Callable, cond: Conditioning, batch_size: int | None,
-                 on_nfe: Callable[[int], object] | None):
-        if not callable(model):
-            raise TypeError(f"model must be callable, got {type(model).__name__}")
-        self.model = model
-        self.cond = cond
-        self.batch_size = batch_size
-        self.on_nfe = on_nfe
-        self.nfe = 0
-
-    def __call__(self, x: torch.Tensor, level: torch.Tensor, rows: slice | torch.Tensor) -> torch.Tensor:
-        try:
-            out = call_in_chunks(self.model, (x, level), self.cond, rows, self.batch_size, _check_model_output)
-        except (RuntimeError, ValueError) as err:
-            raise ValueError(f"the model rejected a batch of samples of shape {list(x.shape[1:])} (check the sample "
-                             f"shape): {err}") from err
-        self.nfe += x.shape[0]
-        if self.on_nfe is not None:
-            self.on_nfe(x.shape[0])
-        return out
-
-
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be positive, got {value}")
-    return value
-
-
-def _batch_size_arg(batch_size) -> int | None:
-    return None if batch_size is None else _positive_int("batch_size", batch_size)
 
 
 class Sampler(ABC):
@@ -312,18 +200,25 @@ class Sampler(ABC):
         if bool((end < begin).any()):
             raise ValueError("stop must not come before start for any sample")
         total = int((self._cumulative_cost[end] - self._cumulative_cost[begin]).sum())
-        batch_size = _batch_size_arg(batch_size)
+        batch_size = check_optional_int("batch_size", batch_size)
         if not progress:  # a disabled tqdm still costs a lock and a registry update per call
-            return self._run(_ModelCall(model, Conditioning(cond, batch), batch_size, None), x, begin, end, seed)
+            return self.run(ModelCall(model, Conditioning(cond, batch), batch_size), x, begin, end, seed)
         with tqdm(total=total, unit="nfe", desc=type(self).__name__) as bar:
-            return self._run(_ModelCall(model, Conditioning(cond, batch), batch_size, bar.update), x, begin, end, seed)
+            return self.run(ModelCall(model, Conditioning(cond, batch), batch_size, bar.update), x, begin, end, seed)
 
-    def _run(self, call: _ModelCall, x: torch.Tensor, start: int | torch.Tensor, stop: int | torch.Tensor,
-             seed: int | None) -> SamplerOutput:
-        """The loop of :meth:`sample` with a prepared model call and checked ``start``/``stop``: ints shared by all
-        samples, or CPU int64 [B] tensors."""
+    def run(self, call: ModelCall, x: torch.Tensor, start: int | torch.Tensor, stop: int | torch.Tensor,
+            seed: int | None) -> SamplerOutput:
+        """The loop of :meth:`sample`, for searches that prepare their own model call (conditioning per prompt,
+        NFE counting).
+
+        Args:
+            call: the model with its conditioning and chunking.
+            x: [B, ...] samples at their start states.
+            start, stop: checked states: ints shared by all samples, or CPU int64 [B] tensors.
+            seed: as in :meth:`sample`.
+        """
         if self.stochastic:
-            seed = fresh_seed() if seed is None else seed_arg(seed)
+            seed = resolve_seed(seed)
         nfe_before = call.nfe
         if x.shape[0] == 0:
             return SamplerOutput(x, x.clone(), 0)
@@ -369,7 +264,7 @@ class Sampler(ABC):
         return derive_seed(seed, iteration) if self.stochastic else None
 
     @abstractmethod
-    def _advance(self, call: _ModelCall, x: torch.Tensor, index: int | torch.Tensor, rows: slice | torch.Tensor,
+    def _advance(self, call: ModelCall, x: torch.Tensor, index: int | torch.Tensor, rows: slice | torch.Tensor,
                  seed: int | None, want_x0: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One step for rows ``x`` (batch rows ``rows``) at step ``index`` (an int shared by all, or per-sample
         CPU int64 indices); returns ``(prev, x0 or None)`` (x0 at least when ``want_x0``)."""
@@ -385,25 +280,6 @@ class Sampler(ABC):
         if isinstance(index, torch.Tensor):
             return table[index.to(device)]
         return table[index:index + 1].expand(batch)
-
-
-# -- DDIM -----------------------------------------------------------------------------------------------------------
-
-
-def ddim_timesteps(num_train_timesteps: int, num_steps: int, timestep_spacing: str = "leading",
-                   steps_offset: int = 0) -> torch.Tensor:
-    """The timesteps of diffusers' ``DDIMScheduler.set_timesteps``: int64 [num_steps], descending."""
-    if timestep_spacing == "linspace":
-        timesteps = np.linspace(0, num_train_timesteps - 1, num_steps).round()[::-1].copy().astype(np.int64)
-    elif timestep_spacing == "leading":
-        ratio = num_train_timesteps // num_steps
-        timesteps = (np.arange(0, num_steps) * ratio).round()[::-1].copy().astype(np.int64) + steps_offset
-    elif timestep_spacing == "trailing":
-        ratio = num_train_timesteps / num_steps
-        timesteps = np.round(np.arange(num_train_timesteps, 0, -ratio)).astype(np.int64) - 1
-    else:
-        raise ValueError(f"timestep_spacing must be one of {list(_TIMESTEP_SPACINGS)}, got {timestep_spacing!r}")
-    return torch.from_numpy(timesteps)
 
 
 class DDIMSampler(Sampler):
@@ -442,17 +318,14 @@ class DDIMSampler(Sampler):
         if not bool(((alphas_cumprod > 0) & (alphas_cumprod <= 1)).all()):
             raise ValueError("alphas_cumprod must lie in (0, 1]")
         train_steps = alphas_cumprod.numel()
-        num_steps = _positive_int("num_steps", num_steps)
+        num_steps = check_int("num_steps", num_steps)
         if num_steps > train_steps:
             raise ValueError(f"num_steps={num_steps} exceeds the {train_steps} training timesteps")
-        if not eta >= 0:
-            raise ValueError(f"eta must be non-negative, got {eta}")
-        if prediction_type not in _PREDICTION_TYPES:
-            raise ValueError(f"prediction_type must be one of {list(_PREDICTION_TYPES)}, got {prediction_type!r}")
-        if clip_sample_range is not None and not clip_sample_range > 0:
-            raise ValueError(f"clip_sample_range must be positive or None, got {clip_sample_range}")
-        if not 0 < final_alpha_cumprod <= 1:
-            raise ValueError(f"final_alpha_cumprod must be in (0, 1], got {final_alpha_cumprod}")
+        eta = check_float("eta", eta, low=0.0)
+        check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+        if clip_sample_range is not None:
+            clip_sample_range = check_float("clip_sample_range", clip_sample_range, low=0.0, low_open=True)
+        check_float("final_alpha_cumprod", final_alpha_cumprod, low=0.0, high=1.0, low_open=True)
         timesteps = ddim_timesteps(train_steps, num_steps, timestep_spacing, steps_offset)
         if int(timesteps.min()) < 0 or int(timesteps.max()) >= train_steps:
             raise ValueError(f"steps_offset={steps_offset} puts timesteps outside [0, {train_steps})")
@@ -460,10 +333,10 @@ class DDIMSampler(Sampler):
         final = torch.tensor(float(final_alpha_cumprod), dtype=torch.float32)
         self.alphas_cumprod = alphas_cumprod
         self.num_steps = num_steps
-        self.eta = float(eta)
+        self.eta = eta
         self.prediction_type = prediction_type
         self.timestep_spacing = timestep_spacing
-        self.clip_sample_range = None if clip_sample_range is None else float(clip_sample_range)
+        self.clip_sample_range = clip_sample_range
         self.use_clipped_model_output = bool(use_clipped_model_output)
         self.levels = timesteps
         self._levels_cpu = timesteps
@@ -524,7 +397,7 @@ class DDIMSampler(Sampler):
         if bool((index >= self.num_steps).any()):
             raise ValueError(f"index must be a step in [0, num_steps={self.num_steps})")
         alpha = self._levels_for(index, x.device, "alpha")
-        return fastsearch.ddim_step(x, model_output, alpha, alpha, **self._ddim_kwargs())[1]
+        return fastsearch.ddim_step(x, model_output, alpha, alpha, **self._ddim_kwargs()).pred_original_sample
 
 
 def _scheduler_steps(scheduler, num_steps: int | None) -> int:
@@ -533,45 +406,10 @@ def _scheduler_steps(scheduler, num_steps: int | None) -> int:
         if num_steps is None:
             raise ValueError("num_steps is needed: the scheduler has no num_inference_steps (call set_timesteps "
                              "first, or pass num_steps)")
-    return _positive_int("num_steps", num_steps)
+    return check_int("num_steps", num_steps)
 
 
 # -- flow matching ----------------------------------------------------------------------------------------------
-
-
-def _shifted(sigmas, shift: float):
-    return shift * sigmas / (1 + (shift - 1) * sigmas)
-
-
-def flow_sigmas(num_steps: int, *, shift: float = 1.0, num_train_timesteps: int = 1000, mu: float | None = None,
-                time_shift_type: str = "exponential", shift_terminal: float | None = None) -> torch.Tensor:
-    """The sigmas of diffusers' ``FlowMatchEulerDiscreteScheduler.set_timesteps`` (float32 [num_steps], without
-    the final 0), computed the way diffusers does (numpy float64, then float32).
-
-    The training grid's end points (``sigma_max``, ``sigma_min``) carry the static shift, then the inference
-    grid is shifted again, exactly as diffusers computes it. With ``mu`` (dynamic shifting), the grid is
-    unshifted and ``time_shift(mu, 1, sigma)`` is applied instead; ``shift_terminal`` stretches the result so
-    that it ends at that value.
-    """
-    train = torch.from_numpy(np.linspace(1, num_train_timesteps, num_train_timesteps, dtype=np.float32)[::-1].copy())
-    train = train / num_train_timesteps
-    if mu is None:
-        train = _shifted(train, shift)
-    sigma_max, sigma_min = train[0].item(), train[-1].item()
-    sigmas = np.linspace(sigma_max * num_train_timesteps, sigma_min * num_train_timesteps, num_steps)
-    sigmas = sigmas / num_train_timesteps
-    if mu is None:
-        sigmas = _shifted(sigmas, shift)
-    elif time_shift_type == "exponential":
-        sigmas = np.exp(mu) / (np.exp(mu) + (1 / sigmas - 1))
-    elif time_shift_type == "linear":
-        sigmas = mu / (mu + (1 / sigmas - 1))
-    else:
-        raise ValueError(f"time_shift_type must be 'exponential' or 'linear', got {time_shift_type!r}")
-    if shift_terminal:
-        one_minus = 1 - sigmas
-        sigmas = 1 - one_minus / (one_minus[-1] / (1 - shift_terminal))
-    return torch.from_numpy(np.asarray(sigmas)).to(torch.float32)
 
 
 class FlowSampler(Sampler):
@@ -599,16 +437,14 @@ class FlowSampler(Sampler):
 
     def __init__(self, num_steps: int, *, shift: float = 1.0, solver: str = "euler", stochastic: bool = False,
                  num_train_timesteps: int = 1000, sigmas=None):
-        num_steps = _positive_int("num_steps", num_steps)
-        if solver not in _SOLVERS:
-            raise ValueError(f"solver must be one of {list(_SOLVERS)}, got {solver!r}")
+        num_steps = check_int("num_steps", num_steps)
+        check_choice("solver", solver, SOLVERS)
         if stochastic and solver != "euler":
             raise ValueError("stochastic=True needs solver='euler' (the stochastic step is an Euler step)")
-        if not shift > 0:
-            raise ValueError(f"shift must be positive, got {shift}")
+        shift = check_float("shift", shift, low=0.0, low_open=True)
         if sigmas is None:
-            sigmas = flow_sigmas(num_steps, shift=shift, num_train_timesteps=_positive_int(
-                "num_train_timesteps", num_train_timesteps))
+            sigmas = flow_sigmas(num_steps, shift=shift,
+                                 num_train_timesteps=check_int("num_train_timesteps", num_train_timesteps))
         else:
             if shift != 1.0:
                 raise ValueError("give shift or sigmas, not both (sigmas are used as given)")
@@ -618,7 +454,7 @@ class FlowSampler(Sampler):
             if not bool(((sigmas > 0) & (sigmas <= 1)).all()) or bool((sigmas[1:] >= sigmas[:-1]).any()):
                 raise ValueError("sigmas must decrease strictly and lie in (0, 1]")
         self.num_steps = num_steps
-        self.shift = float(shift)
+        self.shift = shift
         self.solver = solver
         self._stochastic = bool(stochastic)
         self.levels = sigmas

@@ -2,7 +2,9 @@
 
 Every search takes ``model, verifier, sampler, shape`` and keyword options, runs P prompts at once (all
 candidates of all prompts in one batched loop, model calls chunked by ``batch_size`` rows) and returns a
-:class:`SearchResult` with what it spent. Compute is counted in NFEs: one per sample per model evaluation.
+:class:`~fastsearch.diffusion.NoiseSearchResult` with what it spent. Compute is counted in NFEs: one per sample
+per model evaluation. The options are checked by the option classes of :mod:`fastsearch.diffusion.options`, and
+the searches are built from :mod:`fastsearch.diffusion.core` (which the pipeline searches share).
 
 Protocol:
     ``model(x, level, **cond) -> output`` and ``verifier(x0, **cond) -> [B]`` scores (higher is better), see
@@ -17,13 +19,14 @@ Prompts and conditioning:
 
 Budgets:
     ``budget_nfe`` is per prompt; each search derives its count (candidates, rounds, paths or particles) as the
-    largest one whose cost fits, and ``SearchResult.nfe`` reports the exact NFEs spent per prompt (every prompt
-    spends the same).
+    largest one whose cost fits, and ``NoiseSearchResult.nfe`` reports the exact NFEs spent per prompt (every
+    prompt spends the same).
 
 Randomness:
     Everything random (initial noises, neighbours, re-noising, step noise, resampling) comes from the Philox
-    stream under seeds derived from ``seed``: the same seed, inputs and ``batch_size`` give the same result.
-    ``seed=None`` draws one from torch's default generator.
+    stream under seeds ``derive_seed(seed, stream, ...)`` with the streams of :class:`fastsearch.seeding.Stream`:
+    the same seed, inputs and ``batch_size`` give the same result. ``seed=None`` draws one from torch's default
+    generator.
 
 Semantics (Ma et al. 2025, "Inference-Time Scaling for Diffusion Models beyond Scaling Denoising Steps";
 Singhal et al. 2025, "A General Framework for Inference-time Scaling and Steering of Diffusion Models") are
@@ -34,81 +37,31 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 
 import fastsearch
-from fastsearch.diffusion.samplers import (
-    Conditioning,
-    Sampler,
-    SamplerOutput,
-    _ModelCall,
-    _positive_int,
-    call_in_chunks,
-    derive_seed,
+from fastsearch.checks import FLOAT_DTYPES, check_callable, check_int, check_optional_int
+from fastsearch.diffusion.batching import Conditioning, ModelCall, call_in_chunks
+from fastsearch.diffusion.core import (
+    NoiseSearchResult,
+    Tally,
+    best_index,
+    check_scores,
+    count_within,
+    top_rows,
+    zero_order_rounds,
 )
-from fastsearch.ops._common import fresh_seed, seed_arg
-
-# stream names under the search seed
-_NOISE, _STEPS, _NEIGHBORS, _RENOISE, _RESAMPLE = range(5)
-POTENTIALS = ("max", "add", "diff", "r_t")
-
-
-@dataclass
-class SearchResult:
-    """What a search found and what it spent.
-
-    Attributes:
-        sample: [P, *shape] the best final sample of each prompt.
-        score: [P] float32 its verifier score.
-        scores: [P, M] float32 verifier scores of the final (fully denoised) candidates, in evaluation order
-            (random search: the N candidates; zero-order: every round's pivot and neighbours; paths: the last
-            round's branches; FK: the final particles). NaN scores are kept here and never selected as best.
-        nfe: NFEs spent per prompt (exact: every prompt spends the same).
-        total_nfe: NFEs spent over all prompts (``nfe * P``).
-        verifier_calls: samples scored by the verifier, over all prompts.
-        history: one dict per round (or per scoring step for FK steering); keys per algorithm, in its docstring.
-        noise: [P, *shape] the initial noise of each best sample (random / zero-order search), else None.
-    """
-
-    sample: torch.Tensor
-    score: torch.Tensor
-    scores: torch.Tensor
-    nfe: int
-    total_nfe: int
-    verifier_calls: int
-    history: list[dict] = field(default_factory=list)
-    noise: torch.Tensor | None = None
-
-
-def _check_scores(output, x0: torch.Tensor) -> torch.Tensor:
-    if not isinstance(output, torch.Tensor):
-        raise TypeError(f"verifier must return a tensor of scores, got {type(output).__name__}")
-    if output.shape != x0.shape[:1]:
-        raise ValueError(f"verifier must return one score per sample, shape [{x0.shape[0]}], got "
-                         f"{list(output.shape)}")
-    return output.detach().float()
-
-
-def _count(name: str, count, budget_nfe, cost: int, unit: str) -> int:
-    """A search's count: given directly, or the largest whose ``cost`` each fits into ``budget_nfe``."""
-    if budget_nfe is None:
-        if count is None:
-            raise ValueError(f"give {name} or budget_nfe")
-        return _positive_int(name, count)
-    if count is not None:
-        raise ValueError(f"give {name} or budget_nfe, not both")
-    budget = _positive_int("budget_nfe", budget_nfe)
-    if budget < cost:
-        raise ValueError(f"budget_nfe={budget} is smaller than one {unit} ({cost} NFEs)")
-    return budget // cost
+from fastsearch.diffusion.options import FKSteering, PathsSearch, RandomSearch, ZeroOrderSearch
+from fastsearch.diffusion.particles import ParticleWeights
+from fastsearch.diffusion.samplers import Sampler, SamplerOutput
+from fastsearch.seeding import Stream, derive_seed, resolve_seed
 
 
 def _num_prompts(cond: dict, num_prompts) -> int:
     if num_prompts is not None:
-        return _positive_int("num_prompts", num_prompts)
+        return check_int("num_prompts", num_prompts)
     sizes = {value.shape[0] for value in cond.values() if isinstance(value, torch.Tensor) and value.dim() > 0}
     if len(sizes) > 1:
         raise ValueError(f"the tensors in cond have different first dimensions {sorted(sizes)}: pass num_prompts")
@@ -125,51 +78,30 @@ def _shape_arg(shape) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def _selectable(scores: torch.Tensor) -> torch.Tensor:
-    """NaN scores rank below every other score (and below -inf) in selection."""
-    return torch.where(torch.isnan(scores), torch.full_like(scores, -math.inf), scores)
-
-
-def _best(scores: torch.Tensor) -> torch.Tensor:
-    """Flat index of each row's best candidate in [P, C] scores (first on ties): [P] int64."""
-    local = fastsearch.segmented_topk(_selectable(scores), 1)[1][:, 0]
-    return local + torch.arange(scores.shape[0], device=scores.device) * scores.shape[1]
-
-
-def _where_rows(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Row-wise choice between [P, ...] tensors by a [P] bool mask."""
-    return torch.where(mask.reshape((-1,) + (1,) * (a.dim() - 1)), a, b)
-
-
 class _Search:
-    """State shared by the searches: checked arguments, the prompt layout, counters and the progress bar."""
+    """State shared by the searches: checked arguments, the prompt layout, what was spent and the progress bar."""
 
     def __init__(self, name: str, model: Callable, verifier: Callable, sampler: Sampler, shape, cond: dict, *,
                  num_prompts, batch_size, seed, device, dtype, progress: bool):
         if not isinstance(sampler, Sampler):
             raise TypeError(f"sampler must be a DDIMSampler or FlowSampler, got {type(sampler).__name__}")
-        if not callable(model):
-            raise TypeError(f"model must be callable, got {type(model).__name__}")
-        if not callable(verifier):
-            raise TypeError(f"verifier must be callable, got {type(verifier).__name__}")
-        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        if dtype not in FLOAT_DTYPES:
             raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
         self.name = name
-        self.model = model
-        self.verifier = verifier
+        self.model = check_callable("model", model)
+        self.verifier = check_callable("verifier", verifier)
         self.sampler = sampler
         self.shape = _shape_arg(shape)
         self.cond = cond
         self.num_prompts = _num_prompts(cond, num_prompts)
-        self.batch_size = None if batch_size is None else _positive_int("batch_size", batch_size)
-        self.seed = fresh_seed() if seed is None else seed_arg(seed)
+        self.batch_size = check_optional_int("batch_size", batch_size)
+        self.seed = resolve_seed(seed)
         if device is None:
             device = next((v.device for v in cond.values() if isinstance(v, torch.Tensor)), torch.device("cpu"))
         self.device = torch.device(device)
         self.dtype = dtype
         self.progress = bool(progress)
-        self.total_nfe = 0
-        self.verifier_calls = 0
+        self.tally = Tally(self.num_prompts)
         self.bar = None
 
     def start(self, planned_nfe_per_prompt: int) -> None:
@@ -179,11 +111,6 @@ class _Search:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-
-    @property
-    def nfe(self) -> int:
-        """NFEs spent per prompt so far."""
-        return self.total_nfe // self.num_prompts
 
     def prompt_rows(self, per_prompt: int) -> torch.Tensor:
         """The prompt of each row of a prompt-major [P * per_prompt] batch: int64 on the search's device."""
@@ -196,26 +123,23 @@ class _Search:
 
     def denoise(self, x: torch.Tensor, prompts: torch.Tensor, start: int, stop: int, *key: int) -> SamplerOutput:
         """Run every row of ``x`` from state ``start`` to ``stop``; rows take their prompt's conditioning."""
-        call = _ModelCall(self.model, Conditioning(self.cond, self.num_prompts, prompts), self.batch_size,
-                          None if self.bar is None else self.bar.update)
-        out = self.sampler._run(call, x, start, stop, derive_seed(self.seed, *key))
-        self.total_nfe += out.nfe
+        call = ModelCall(self.model, Conditioning(self.cond, self.num_prompts, prompts), self.batch_size,
+                         None if self.bar is None else self.bar.update)
+        out = self.sampler.run(call, x, start, stop, derive_seed(self.seed, *key))
+        self.tally.total_nfe += out.nfe
         return out
 
     def score(self, x0: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
         """Verifier scores of rows ``x0`` (each with its prompt's conditioning): [R] float32."""
         scores = call_in_chunks(self.verifier, (x0,), Conditioning(self.cond, self.num_prompts, prompts),
-                                slice(None), self.batch_size, _check_scores)
-        self.verifier_calls += x0.shape[0]
+                                slice(None), self.batch_size,
+                                lambda output, chunk: check_scores(output, chunk.shape[0], "sample"))
+        self.tally.verifier_calls += x0.shape[0]
         return scores
 
-    def result(self, sample, score, scores, history, noise=None) -> SearchResult:
-        return SearchResult(sample=sample, score=score, scores=scores, nfe=self.nfe, total_nfe=self.total_nfe,
-                            verifier_calls=self.verifier_calls, history=history, noise=noise)
 
-
-def _run_search(body: Callable[[_Search], SearchResult], name: str, model, verifier, sampler, shape, cond: dict,
-                **options) -> SearchResult:
+def _run_search(body: Callable[[_Search], NoiseSearchResult], name: str, model, verifier, sampler, shape,
+                cond: dict, **options) -> NoiseSearchResult:
     search = _Search(name, model, verifier, sampler, shape, cond, **options)
     try:
         with torch.no_grad():
@@ -227,7 +151,7 @@ def _run_search(body: Callable[[_Search], SearchResult], name: str, model, verif
 def random_search(model: Callable, verifier: Callable, sampler: Sampler, shape, *, num_candidates: int | None = None,
                   budget_nfe: int | None = None, num_prompts: int | None = None, batch_size: int | None = None,
                   seed: int | None = None, device=None, dtype: torch.dtype = torch.float32, progress: bool = True,
-                  **cond) -> SearchResult:
+                  **cond) -> NoiseSearchResult:
     """Random search: best-of-N over initial noises (Ma et al. 2025).
 
     Draws N initial noises per prompt, samples each to the end, scores the samples and keeps the best.
@@ -247,21 +171,23 @@ def random_search(model: Callable, verifier: Callable, sampler: Sampler, shape, 
         **cond: conditioning for the model and the verifier.
 
     Returns:
-        :class:`SearchResult`; ``scores`` [P, N]; ``noise`` the best initial noises; ``history`` one entry
-        ``{"round": 0, "nfe", "best_score": [P]}``.
+        :class:`~fastsearch.diffusion.NoiseSearchResult`; ``scores`` [P, N]; ``noise`` the best initial noises;
+        ``history`` one entry ``{"round": 0, "nfe", "best_score": [P]}``.
     """
-    def body(search: _Search) -> SearchResult:
+    options = RandomSearch(num_candidates)
+
+    def body(search: _Search) -> NoiseSearchResult:
         per_sample = sampler.nfe()
-        count = _count("num_candidates", num_candidates, budget_nfe, per_sample, "sample")
+        count = count_within(options, budget_nfe, per_sample, "sample")
         search.start(count * per_sample)
         prompts = search.prompt_rows(count)
-        noise = search.noise(count, _NOISE)
-        out = search.denoise(noise, prompts, 0, sampler.num_steps, _STEPS)
+        noise = search.noise(count, Stream.NOISE)
+        out = search.denoise(noise, prompts, 0, sampler.num_steps, Stream.STEPS)
         scores = search.score(out.sample, prompts).view(search.num_prompts, count)
-        best = _best(scores)
+        best = best_index(scores)
         score = scores.flatten()[best]
-        history = [{"round": 0, "nfe": search.nfe, "best_score": score}]
-        return search.result(out.sample[best], score, scores, history, noise=noise[best])
+        history = [{"round": 0, "nfe": search.tally.nfe, "best_score": score}]
+        return search.tally.result(out.sample[best], score, scores, history, noise=noise[best])
 
     return _run_search(body, "random_search", model, verifier, sampler, shape, cond, num_prompts=num_prompts,
                        batch_size=batch_size, seed=seed, device=device, dtype=dtype, progress=progress)
@@ -269,7 +195,7 @@ def random_search(model: Callable, verifier: Callable, sampler: Sampler, shape, 
 
 def no_search(model: Callable, verifier: Callable, sampler: Sampler, shape, *, num_prompts: int | None = None,
               batch_size: int | None = None, seed: int | None = None, device=None, dtype: torch.dtype = torch.float32,
-              progress: bool = True, **cond) -> SearchResult:
+              progress: bool = True, **cond) -> NoiseSearchResult:
     """The baseline: one sample per prompt, scored (``random_search`` with one candidate).
 
     To compare with a search at equal NFEs as Ma et al. do, give this baseline a sampler with more steps.
@@ -283,13 +209,14 @@ def zero_order_search(model: Callable, verifier: Callable, sampler: Sampler, sha
                       iterations: int | None = None, cos_sim: float = 0.95, budget_nfe: int | None = None,
                       num_prompts: int | None = None, batch_size: int | None = None, seed: int | None = None,
                       device=None, dtype: torch.dtype = torch.float32, progress: bool = True,
-                      **cond) -> SearchResult:
+                      **cond) -> NoiseSearchResult:
     """Zero-order search: move a pivot noise to its best neighbour (Ma et al. 2025).
 
     Each round, per prompt: draw K neighbours of the pivot at cosine ``cos_sim`` with the same norm
     (:func:`fastsearch.zo_neighbors`), sample the pivot and its neighbours to the end and score them. If the best
     neighbour beats the pivot, it becomes the next pivot; if none does, the next round restarts from fresh noise.
-    The best sample over all rounds is returned.
+    The best sample over all rounds is returned. The rounds are :func:`fastsearch.diffusion.core.zero_order_rounds`,
+    which the search through a pipeline runs too.
 
     Choices: the pivot is re-scored every round together with its neighbours (the authors' construction; with a
     stochastic sampler this re-draws its path), so a round costs exactly ``(K + 1)`` samples; a neighbour must
@@ -302,95 +229,39 @@ def zero_order_search(model: Callable, verifier: Callable, sampler: Sampler, sha
         Others: as :func:`random_search`. ``shape`` must hold at least 2 elements.
 
     Returns:
-        :class:`SearchResult`; ``scores`` [P, rounds * (K + 1)] (per round: pivot, then neighbours); ``noise`` the
-        initial noise of each best sample; ``history`` per round ``{"round", "nfe", "best_score": [P] (so far),
-        "round_best": [P], "pivot": [P, *shape] (this round's pivot), "moved": [P] bool (the next pivot is a
-        neighbour), "restarted": [P] bool}``.
+        :class:`~fastsearch.diffusion.NoiseSearchResult`; ``scores`` [P, rounds * (K + 1)] (per round: pivot, then
+        neighbours); ``noise`` the initial noise of each best sample; ``history`` per round ``{"round", "nfe",
+        "best_score": [P] (so far), "round_best": [P], "pivot": [P, *shape] (this round's pivot), "moved": [P] bool
+        (the next pivot is a neighbour), "restarted": [P] bool}``.
     """
-    def body(search: _Search) -> SearchResult:
-        neighbors = _positive_int("num_neighbors", num_neighbors)
-        if not -1.0 <= float(cos_sim) <= 1.0:
-            raise ValueError(f"cos_sim must be in [-1, 1], got {cos_sim}")
+    options = ZeroOrderSearch(num_neighbors=num_neighbors, cos_sim=cos_sim, iterations=iterations)
+
+    def body(search: _Search) -> NoiseSearchResult:
         if math.prod(search.shape) < 2:
             raise ValueError(f"shape must hold at least 2 elements (neighbours at a cosine), got {list(search.shape)}")
-        width = neighbors + 1
+        width = options.width
         per_sample = sampler.nfe()
-        rounds = _count("iterations", iterations, budget_nfe, width * per_sample,
-                        f"round of num_neighbors + 1 = {width} samples")
+        rounds = count_within(options, budget_nfe, width * per_sample, f"round of num_neighbors + 1 = {width} samples")
         search.start(rounds * width * per_sample)
         prompts = search.prompt_rows(width)
-        num_prompts = search.num_prompts
-        pivot = search.noise(1, _NOISE, 0)
-        best_sample = best_noise = best_score = None
-        all_scores, history = [], []
-        for round_index in range(rounds):
-            around = fastsearch.zo_neighbors(pivot, neighbors, cos_sim=float(cos_sim),
-                                             seed=derive_seed(search.seed, _NEIGHBORS, round_index))
-            candidates = torch.cat([pivot[:, None], around], dim=1).reshape(num_prompts * width, *search.shape)
-            out = search.denoise(candidates, prompts, 0, sampler.num_steps, _STEPS, round_index)
-            scores = search.score(out.sample, prompts).view(num_prompts, width)
-            all_scores.append(scores)
-            best = _best(scores)
-            round_score = scores.flatten()[best]
-            if best_score is None:
-                best_sample, best_noise, best_score = out.sample[best], candidates[best], round_score
-            else:
-                better = _selectable(round_score) > _selectable(best_score)
-                best_sample = _where_rows(better, out.sample[best], best_sample)
-                best_noise = _where_rows(better, candidates[best], best_noise)
-                best_score = torch.where(better, round_score, best_score)
-            moved = best % width != 0
-            entry = {"round": round_index, "nfe": search.nfe, "best_score": best_score.clone(),
-                     "round_best": round_score, "pivot": pivot, "moved": moved, "restarted": ~moved}
-            history.append(entry)
-            if round_index + 1 < rounds:
-                next_pivot = candidates[best]
-                if not bool(moved.all()):
-                    next_pivot = _where_rows(moved, next_pivot, search.noise(1, _NOISE, round_index + 1))
-                pivot = next_pivot
-        return search.result(best_sample, best_score, torch.cat(all_scores, dim=1), history, noise=best_noise)
+
+        def evaluate(candidates: torch.Tensor, round_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+            out = search.denoise(candidates.flatten(0, 1), prompts, 0, sampler.num_steps, Stream.STEPS, round_index)
+            scores = search.score(out.sample, prompts).view(search.num_prompts, width)
+            return out.sample.unflatten(0, (search.num_prompts, width)), scores
+
+        return zero_order_rounds(options, rounds, search.noise(1, Stream.NOISE, 0), seed=search.seed,
+                                 evaluate=evaluate, tally=search.tally)
 
     return _run_search(body, "zero_order_search", model, verifier, sampler, shape, cond, num_prompts=num_prompts,
                        batch_size=batch_size, seed=seed, device=device, dtype=dtype, progress=progress)
-
-
-def _path_rounds(num_steps: int, start_level: int, forward: int, backward: int) -> list[tuple[int, int, int]]:
-    """The (state, re-noised state, next state) of every round of search over paths."""
-    rounds, current = [], start_level
-    while current < num_steps:
-        renoised = max(current - forward, 0)
-        following = min(renoised + backward, num_steps)
-        rounds.append((current, renoised, following))
-        current = following
-    return rounds
-
-
-def _path_schedule(num_steps: int, start_level=None, forward_interval=None,
-                  backward_interval=None) -> tuple[int, list[tuple[int, int, int]]]:
-    """Checked options of search over paths on an N-step schedule, defaults filled in.
-
-    Returns:
-        ``(start_level, rounds)`` with one ``(state, re-noised state, next state)`` per round.
-    """
-    if num_steps < 2:
-        raise ValueError(f"search over paths needs a schedule of at least 2 steps, got num_steps={num_steps}")
-    start = num_steps // 2 if start_level is None else start_level
-    if isinstance(start, bool) or not isinstance(start, int) or not 1 <= start < num_steps:
-        raise ValueError(f"start_level must be an int in [1, num_steps - 1 = {num_steps - 1}], got {start!r}")
-    forward = max(1, num_steps // 10) if forward_interval is None else _positive_int("forward_interval",
-                                                                                       forward_interval)
-    backward = 2 * forward if backward_interval is None else _positive_int("backward_interval", backward_interval)
-    if backward <= forward:
-        raise ValueError(f"backward_interval ({backward}) must exceed forward_interval ({forward}), or the paths "
-                         "never reach the end")
-    return start, _path_rounds(num_steps, start, forward, backward)
 
 
 def paths_search(model: Callable, verifier: Callable, sampler: Sampler, shape, *, num_paths: int | None = None,
                  branches: int = 4, start_level: int | None = None, forward_interval: int | None = None,
                  backward_interval: int | None = None, budget_nfe: int | None = None, num_prompts: int | None = None,
                  batch_size: int | None = None, seed: int | None = None, device=None,
-                 dtype: torch.dtype = torch.float32, progress: bool = True, **cond) -> SearchResult:
+                 dtype: torch.dtype = torch.float32, progress: bool = True, **cond) -> NoiseSearchResult:
     """Search over paths (Ma et al. 2025).
 
     Per prompt: draw ``num_paths`` (n) initial noises and denoise them to state ``start_level``. Then, each round,
@@ -412,127 +283,48 @@ def paths_search(model: Callable, verifier: Callable, sampler: Sampler, shape, *
         Others: as :func:`random_search`.
 
     Returns:
-        :class:`SearchResult`; ``scores`` [P, n * M] the last round's scores; ``history`` per round ``{"round",
-        "state" (where the branches ended), "nfe", "best_score": [P], "scores": [P, n * M]}``.
+        :class:`~fastsearch.diffusion.NoiseSearchResult`; ``scores`` [P, n * M] the last round's scores;
+        ``history`` per round ``{"round", "state" (where the branches ended), "nfe", "best_score": [P], "scores":
+        [P, n * M]}``.
     """
-    def body(search: _Search) -> SearchResult:
-        steps = sampler.num_steps
-        width = _positive_int("branches", branches)
-        start, rounds = _path_schedule(steps, start_level, forward_interval, backward_interval)
-        per_path = sampler.nfe(0, start) + width * sum(sampler.nfe(renoised, following)
-                                                       for _, renoised, following in rounds)
-        paths = _count("num_paths", num_paths, budget_nfe, per_path, "path")
+    options = PathsSearch(num_paths=num_paths, branches=branches, start_level=start_level,
+                          forward_interval=forward_interval, backward_interval=backward_interval)
+
+    def body(search: _Search) -> NoiseSearchResult:
+        steps, width = sampler.num_steps, options.branches
+        plan = options.plan(steps)
+        per_path = plan.path_cost(sampler, width)
+        paths = count_within(options, budget_nfe, per_path, "path")
         search.start(paths * per_path)
         num_prompts = search.num_prompts
-        out = search.denoise(search.noise(paths, _NOISE), search.prompt_rows(paths), 0, start, _STEPS, 0)
+        out = search.denoise(search.noise(paths, Stream.NOISE), search.prompt_rows(paths), 0, plan.start,
+                             Stream.STEPS, 0)
         x = out.sample
         branch_prompts = search.prompt_rows(paths * width)
         history = []
-        for round_index, (current, renoised, following) in enumerate(rounds):
+        for round_index, (current, renoised, following) in enumerate(plan.rounds):
             branched = sampler.renoise(x.repeat_interleave(width, dim=0), current, renoised,
-                                       seed=derive_seed(search.seed, _RENOISE, round_index))
-            out = search.denoise(branched, branch_prompts, renoised, following, _STEPS, round_index + 1)
+                                       seed=derive_seed(search.seed, Stream.RENOISE, round_index))
+            out = search.denoise(branched, branch_prompts, renoised, following, Stream.STEPS, round_index + 1)
             scored = out.sample if following == steps else out.pred_original_sample
             scores = search.score(scored, branch_prompts).view(num_prompts, paths * width)
-            top_scores, local = fastsearch.segmented_topk(_selectable(scores), paths)
-            keep = local + torch.arange(num_prompts, device=local.device)[:, None] * (paths * width)
+            keep = top_rows(scores, paths)
             x = out.sample[keep.flatten()]
             best_score = scores.flatten()[keep[:, 0]]
-            history.append({"round": round_index, "state": following, "nfe": search.nfe, "best_score": best_score,
-                            "scores": scores})
+            history.append({"round": round_index, "state": following, "nfe": search.tally.nfe,
+                            "best_score": best_score, "scores": scores})
         best_sample = x.view(num_prompts, paths, *search.shape)[:, 0]
-        return search.result(best_sample, best_score, scores, history)
+        return search.tally.result(best_sample, best_score, scores, history)
 
     return _run_search(body, "paths_search", model, verifier, sampler, shape, cond, num_prompts=num_prompts,
                        batch_size=batch_size, seed=seed, device=device, dtype=dtype, progress=progress)
-
-
-class _ParticleWeights:
-    """FK steering's potentials and log-weights for P prompts x n particles (prompt-major rows), with their
-    ESS-triggered resampling: the bookkeeping of :func:`fk_steering`, shared with ``search_pipeline``.
-
-    Each :meth:`update` takes the scores of a scoring step and returns that step's history entry; after an
-    intermediate one, :meth:`resample` resamples the prompts whose effective sample size fell below
-    ``ess_threshold * n`` and returns the flat ancestor of every row, by which the caller reorders its particles.
-    """
-
-    @staticmethod
-    def check_options(potential: str, lam: float, ess_threshold: float) -> None:
-        if potential not in POTENTIALS:
-            raise ValueError(f"potential must be one of {list(POTENTIALS)}, got {potential!r}")
-        if not float(lam) >= 0:
-            raise ValueError(f"lam must be non-negative, got {lam}")
-        if not 0.0 <= float(ess_threshold) <= 1.0:
-            raise ValueError(f"ess_threshold must be in [0, 1], got {ess_threshold}")
-
-    def __init__(self, num_prompts: int, particles: int, potential: str, lam: float, ess_threshold: float,
-                 device: torch.device):
-        self.check_options(potential, lam, ess_threshold)
-        self.num_prompts, self.particles = num_prompts, particles
-        self.potential, self.lam, self.ess_threshold = potential, float(lam), float(ess_threshold)
-        rows = num_prompts * particles
-        # the potential's running statistic of each path, the log-weights, and the log of the product of the
-        # potentials applied so far (which the final potential divides out)
-        self.statistic = torch.full((rows,), -math.inf if potential == "max" else 0.0, device=device)
-        self.log_weights = torch.zeros(rows, device=device)
-        self.log_potential_total = torch.zeros(rows, device=device)
-        self.identity = torch.arange(rows, device=device).view(num_prompts, particles)
-
-    def update(self, scores: torch.Tensor, *, step: int, nfe: int, final: bool) -> dict:
-        """Apply the potentials of [P * n] ``scores`` (the final samples' when ``final``); returns the history
-        entry ``{"step", "nfe", "scores", "log_weights", "ess": None, "resampled", "ancestors": None,
-        "best_score"}``."""
-        reward = _selectable(scores)
-        lam = self.lam
-        if final:
-            increment = lam * reward - self.log_potential_total
-        elif self.potential == "max":
-            self.statistic = torch.maximum(self.statistic, reward)
-            increment = lam * self.statistic
-        elif self.potential == "add":
-            self.statistic = self.statistic + reward
-            increment = lam * self.statistic
-        elif self.potential == "diff":
-            increment = lam * (reward - self.statistic)
-            self.statistic = reward
-        else:
-            increment = lam * reward
-        increment = _selectable(increment)  # lam = 0 times -inf, or -inf - -inf, count as impossible
-        self.log_weights = _selectable(self.log_weights + increment)
-        self.log_potential_total = self.log_potential_total + increment
-        grouped_scores = scores.view(self.num_prompts, self.particles)
-        return {"step": step, "nfe": nfe, "scores": grouped_scores,
-                "log_weights": self.log_weights.view(self.num_prompts, self.particles).clone(), "ess": None,
-                "resampled": torch.zeros(self.num_prompts, dtype=torch.bool, device=scores.device),
-                "ancestors": None, "best_score": grouped_scores.flatten()[_best(grouped_scores)]}
-
-    def resample(self, entry: dict, *, seed: int) -> torch.Tensor | None:
-        """Resample (systematic) the prompts whose ESS is low, after an intermediate :meth:`update` whose
-        ``entry`` gets ``"ess"``, ``"resampled"`` and ``"ancestors"``. Returns the [P * n] flat ancestor of every
-        row, or None when no prompt resamples; resampled prompts restart their log-weights at 0."""
-        grouped = self.log_weights.view(self.num_prompts, self.particles)
-        ess = fastsearch.effective_sample_size(grouped)
-        alive = torch.isfinite(grouped).any(dim=1)
-        resampled = (ess < self.ess_threshold * self.particles) & alive
-        entry["ess"], entry["resampled"] = ess, resampled
-        if not bool(resampled.any()):
-            return None
-        drawn = fastsearch.resample(torch.where(alive[:, None], grouped, torch.zeros_like(grouped)), self.particles,
-                                    method="systematic", seed=seed)
-        ancestors = torch.where(resampled[:, None], drawn, self.identity)
-        entry["ancestors"] = ancestors
-        flat = ancestors.flatten()
-        self.statistic = self.statistic[flat]
-        self.log_potential_total = self.log_potential_total[flat]
-        self.log_weights = torch.where(resampled.repeat_interleave(self.particles), 0.0, self.log_weights[flat])
-        return flat
 
 
 def fk_steering(model: Callable, verifier: Callable, sampler: Sampler, shape, *, num_particles: int | None = None,
                 potential: str = "max", lam: float = 1.0, resample_every: int | None = None,
                 ess_threshold: float = 0.5, budget_nfe: int | None = None, num_prompts: int | None = None,
                 batch_size: int | None = None, seed: int | None = None, device=None,
-                dtype: torch.dtype = torch.float32, progress: bool = True, **cond) -> SearchResult:
+                dtype: torch.dtype = torch.float32, progress: bool = True, **cond) -> NoiseSearchResult:
     """Feynman-Kac steering: sequential Monte Carlo over particles with verifier potentials (Singhal et al. 2025).
 
     Per prompt, ``num_particles`` (n) particles start from fresh noise and take stochastic sampler steps. After
@@ -551,7 +343,8 @@ def fk_steering(model: Callable, verifier: Callable, sampler: Sampler, shape, *,
     prompts whose effective sample size (:func:`fastsearch.effective_sample_size` of the accumulated log-weights)
     is below ``ess_threshold * n`` resample their particles (:func:`fastsearch.resample`, systematic) together
     with their path statistics, and their log-weights restart at 0. The result is the final particle with the
-    best verifier score.
+    best verifier score. The bookkeeping is :class:`fastsearch.diffusion.particles.ParticleWeights`, which the
+    search through a pipeline uses too.
 
     Args:
         sampler: must be stochastic: ``DDIMSampler(..., eta>0)`` or ``FlowSampler(..., stochastic=True)``.
@@ -563,43 +356,44 @@ def fk_steering(model: Callable, verifier: Callable, sampler: Sampler, shape, *,
         Others: as :func:`random_search`.
 
     Returns:
-        :class:`SearchResult`; ``scores`` [P, n] the final particles' scores; ``history`` per scoring step
-        ``{"step", "nfe", "scores": [P, n], "log_weights": [P, n] (after this step's potential, before any
-        resampling), "ess": [P], "resampled": [P] bool, "ancestors": [P, n] flat particle indices or None,
-        "best_score": [P]}`` (the final entry has no ess / resampling: ``"ess"`` and ``"ancestors"`` are None and
-        ``"resampled"`` all False).
+        :class:`~fastsearch.diffusion.NoiseSearchResult`; ``scores`` [P, n] the final particles' scores; ``history``
+        per scoring step ``{"step", "nfe", "scores": [P, n], "log_weights": [P, n] (after this step's potential,
+        before any resampling), "ess": [P], "resampled": [P] bool, "ancestors": [P, n] flat particle indices or
+        None, "best_score": [P]}`` (the final entry has no ess / resampling: ``"ess"`` and ``"ancestors"`` are None
+        and ``"resampled"`` all False).
     """
-    def body(search: _Search) -> SearchResult:
+    options = FKSteering(num_particles=num_particles, potential=potential, lam=lam, resample_every=resample_every,
+                         ess_threshold=ess_threshold)
+
+    def body(search: _Search) -> NoiseSearchResult:
         if not sampler.stochastic:
             raise ValueError(f"fk_steering needs a stochastic sampler (DDIMSampler with eta > 0, or FlowSampler with "
                              f"stochastic=True); sampler is {sampler!r}")
-        _ParticleWeights.check_options(potential, lam, ess_threshold)
         steps = sampler.num_steps
-        every = max(1, steps // 10) if resample_every is None else _positive_int("resample_every", resample_every)
         per_sample = sampler.nfe()
-        particles = _count("num_particles", num_particles, budget_nfe, per_sample, "sample")
+        particles = count_within(options, budget_nfe, per_sample, "sample")
         search.start(particles * per_sample)
         num_prompts = search.num_prompts
         prompts = search.prompt_rows(particles)
-        weights = _ParticleWeights(num_prompts, particles, potential, lam, ess_threshold, search.device)
-        x = search.noise(particles, _NOISE)
+        weights = ParticleWeights(num_prompts, particles, options, search.seed, search.device)
+        x = search.noise(particles, Stream.NOISE)
         history = []
         for step in range(steps):
-            out = search.denoise(x, prompts, step, step + 1, _STEPS, step)
+            out = search.denoise(x, prompts, step, step + 1, Stream.STEPS, step)
             x = out.sample
-            final = step == steps - 1
-            if not final and (step + 1) % every:
+            if not options.scores_after(step, steps):
                 continue
+            final = step == steps - 1
             scores = search.score(x if final else out.pred_original_sample, prompts)
-            entry = weights.update(scores, step=step, nfe=search.nfe, final=final)
+            entry = weights.update(scores, step=step, nfe=search.tally.nfe, final=final)
             if not final:
-                ancestors = weights.resample(entry, seed=derive_seed(search.seed, _RESAMPLE, step))
+                ancestors = weights.resample(entry)
                 if ancestors is not None:
                     x = x[ancestors]
             history.append(entry)
         final_scores = scores.view(num_prompts, particles)
-        best = _best(final_scores)
-        return search.result(x[best], final_scores.flatten()[best], final_scores, history)
+        best = best_index(final_scores)
+        return search.tally.result(x[best], final_scores.flatten()[best], final_scores, history)
 
     return _run_search(body, "fk_steering", model, verifier, sampler, shape, cond, num_prompts=num_prompts,
                        batch_size=batch_size, seed=seed, device=device, dtype=dtype, progress=progress)

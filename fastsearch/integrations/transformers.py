@@ -6,8 +6,12 @@
   after each step, scored by the softmax of a "good" and a "bad" token's logits at the tag). It runs the
   model for hidden states only and scores the tags with :func:`fastsearch.prm_scores` on two rows of the
   LM head: no [tokens, vocabulary] logit matrix is ever formed.
+- :func:`lm_head_rows`: those rows, read from a causal LM's output embedding and config, for use with
+  :func:`fastsearch.prm_step_scores` / :func:`fastsearch.prm_scores` directly.
 
-Needs the ``transformers`` extra (``pip install fastsearch[transformers]``).
+The adapters work on transformers models and tokenizers through their methods and attributes only, so
+this module never imports ``transformers`` itself; running them needs the ``transformers`` extra
+(``pip install fastsearch[transformers]``).
 """
 
 from __future__ import annotations
@@ -17,27 +21,55 @@ from collections.abc import Sequence
 
 import torch
 
-from fastsearch.ops.score import AGGREGATIONS, lm_head_rows, prm_scores
-
-
-def _check_texts(name: str, texts) -> list[str]:
-    if isinstance(texts, str) or not isinstance(texts, Sequence):
-        raise TypeError(f"{name} must be a sequence of strings, got {type(texts).__name__}")
-    texts = list(texts)
-    for index, text in enumerate(texts):
-        if not isinstance(text, str):
-            raise TypeError(f"{name}[{index}] must be a string, got {type(text).__name__}")
-    return texts
-
-
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
+from fastsearch.checks import check_choice, check_float, check_int, check_texts
+from fastsearch.ops.score import AGGREGATIONS, prm_scores
+from fastsearch.search import Completion
+from fastsearch.seeding import check_seed
 
 
 def _model_device(model) -> torch.device:
     return next(model.parameters()).device
+
+
+def lm_head_rows(model, token_ids, *, with_bias: bool = False):
+    """The rows of a causal LM's output embedding for the given tokens: a PRM head without the vocabulary.
+
+    Handles tied and untied heads and the linear logit scalings some configs apply after the head
+    (``logit_scale`` multiplies, ``logits_scaling`` divides), which change the softmax over the rows.
+    A model that soft-caps its logits (``final_logit_softcapping``) is refused: a cap is not linear, so
+    no pair of rows reproduces it.
+
+    Args:
+        model: a transformers causal LM (anything with ``get_output_embeddings()`` returning a module with
+            ``weight`` [V, H]).
+        token_ids: C token ids (ints or a 1-D integer tensor), e.g. ``[good_id, bad_id]``.
+        with_bias: also return the head's bias rows (None when the head has no bias).
+
+    Returns:
+        [C, H] rows in the head's dtype and device, detached; ``(rows, bias)`` with ``with_bias=True``.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weight = getattr(head, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise TypeError(f"model must have get_output_embeddings() with a [V, H] weight, got "
+                        f"{type(model).__name__} (head {type(head).__name__})")
+    config = getattr(model, "config", None)
+    if getattr(config, "final_logit_softcapping", None):
+        raise ValueError(f"{type(model).__name__} soft-caps its logits (final_logit_softcapping="
+                         f"{config.final_logit_softcapping}); head rows cannot reproduce a non-linear cap")
+    ids = torch.as_tensor(token_ids)
+    if ids.dim() != 1 or ids.is_floating_point() or ids.dtype == torch.bool:
+        raise ValueError(f"token_ids must be a 1-D sequence of integer ids, got {token_ids!r}")
+    ids = ids.to(device=weight.device, dtype=torch.int64)
+    vocab = weight.shape[0]
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        raise ValueError(f"token_ids must be in [0, V={vocab}), got {ids.tolist()}")
+    scale = float(getattr(config, "logit_scale", None) or 1.0) / float(getattr(config, "logits_scaling", None) or 1.0)
+    with torch.no_grad():
+        rows = weight.index_select(0, ids) * scale if scale != 1.0 else weight.index_select(0, ids).clone()
+        bias = getattr(head, "bias", None)
+        bias = None if bias is None else bias.index_select(0, ids) * scale
+    return (rows, bias) if with_bias else rows
 
 
 class HFGenerator:
@@ -57,7 +89,7 @@ class HFGenerator:
     def __init__(self, model, tokenizer, *, batch_size: int = 64):
         self.model = model
         self.tokenizer = tokenizer
-        self.batch_size = _positive_int("batch_size", batch_size)
+        self.batch_size = check_int("batch_size", batch_size)
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if self.pad_token_id is None:
             raise ValueError("tokenizer has neither a pad token nor an EOS token to pad prompts with")
@@ -78,14 +110,12 @@ class HFGenerator:
         Returns:
             P lists of n :class:`fastsearch.search.Completion`.
         """
-        from fastsearch.search.types import Completion
-
-        prompts = _check_texts("prompts", prompts)
-        n = _positive_int("n", n)
-        max_tokens = _positive_int("max_tokens", max_tokens)
-        if not temperature >= 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        stop = [] if stop is None else _check_texts("stop", stop)
+        prompts = check_texts("prompts", prompts, allow_empty=True)
+        n = check_int("n", n)
+        max_tokens = check_int("max_tokens", max_tokens)
+        temperature = check_float("temperature", temperature, low=0.0)
+        stop = [] if stop is None else check_texts("stop", stop, allow_empty=True)
+        seed = None if seed is None else check_seed(seed)
         per_call = max(1, self.batch_size // n)
         devices = [_model_device(self.model)] if _model_device(self.model).type == "cuda" else []
         results = []
@@ -152,19 +182,18 @@ class HFProcessRewardModel:
         good_token, bad_token: the tokens whose logits at the tag score the step (e.g. ``"+"``, ``"-"``).
         step_separator: text between the problem and the steps and between steps.
         batch_size: candidates per forward pass.
-        how: how :meth:`score_candidates` aggregates steps (``"last"``, ``"min"``, ``"prod"``, ...).
+        aggregate: how :meth:`score_candidates` aggregates steps (``"last"``, ``"min"``, ``"prod"``, ...; the
+            ``method`` of :func:`fastsearch.aggregate_steps`, named as the searches' ``aggregate`` option).
     """
 
     def __init__(self, model, tokenizer, step_tag: str, good_token: str, bad_token: str, *,
-                 step_separator: str = "\n", batch_size: int = 16, how: str = "last"):
+                 step_separator: str = "\n", batch_size: int = 16, aggregate: str = "last"):
         self.model = model
         self.tokenizer = tokenizer
         self.step_tag = step_tag
         self.step_separator = step_separator
-        self.batch_size = _positive_int("batch_size", batch_size)
-        if how not in AGGREGATIONS:
-            raise ValueError(f"how must be one of {list(AGGREGATIONS)}, got {how!r}")
-        self.how = how
+        self.batch_size = check_int("batch_size", batch_size)
+        self.aggregate = check_choice("aggregate", aggregate, AGGREGATIONS)
         self.tag_id = self._single_token("step_tag", step_tag)
         good, bad = self._single_token("good_token", good_token), self._single_token("bad_token", bad_token)
         self.head, self.head_bias = lm_head_rows(model, [good, bad], with_bias=True)
@@ -200,25 +229,25 @@ class HFProcessRewardModel:
         return step_scores, offsets
 
     def score_candidates(self, problems: Sequence[str], step_lists: Sequence[Sequence[str]]) -> torch.Tensor:
-        """One aggregated score per candidate (``how`` of the constructor), [N] float32; NaN without steps."""
-        return self._run(problems, step_lists, self.how)[1]
+        """One aggregated score per candidate (``aggregate`` of the constructor), [N] float32; NaN without steps."""
+        return self._run(problems, step_lists, self.aggregate)[1]
 
-    def _run(self, problems, step_lists, how):
-        problems = _check_texts("problems", problems)
+    def _run(self, problems, step_lists, method):
+        problems = check_texts("problems", problems, allow_empty=True)
         if isinstance(step_lists, str) or not isinstance(step_lists, Sequence):
             raise TypeError(f"step_lists must be a sequence of step lists, got {type(step_lists).__name__}")
         if len(problems) != len(step_lists):
             raise ValueError(f"problems has {len(problems)} entries but step_lists has {len(step_lists)}: one "
                              "problem per candidate")
         for index, steps in enumerate(step_lists):
-            _check_texts(f"step_lists[{index}]", steps)
+            check_texts(f"step_lists[{index}]", steps, allow_empty=True)
         step_chunks, candidate_chunks = [], []
         for start in range(0, len(problems), self.batch_size):
             texts = [self.format(problem, steps) for problem, steps in
                      zip(problems[start:start + self.batch_size], step_lists[start:start + self.batch_size],
                          strict=True)]
             counts = [len(steps) for steps in step_lists[start:start + self.batch_size]]
-            candidates, steps = self._score_chunk(texts, counts, start, how)
+            candidates, steps = self._score_chunk(texts, counts, start, method)
             candidate_chunks.append(candidates)
             step_chunks.append(steps)
         counts = torch.tensor([0] + [len(steps) for steps in step_lists], dtype=torch.int64)
@@ -227,7 +256,7 @@ class HFProcessRewardModel:
             return torch.zeros(0), torch.zeros(0), offsets
         return torch.cat(step_chunks), torch.cat(candidate_chunks), offsets
 
-    def _score_chunk(self, texts, counts, first, how):
+    def _score_chunk(self, texts, counts, first, method):
         device = _model_device(self.model)
         side = self.tokenizer.padding_side
         self.tokenizer.padding_side = "right"
@@ -247,6 +276,6 @@ class HFProcessRewardModel:
         hidden = out.hidden_states[-1]
         positions = torch.nonzero(is_tag.reshape(-1)).squeeze(-1)
         offsets = torch.tensor([0] + counts, dtype=torch.int64, device=device).cumsum(0)
-        candidates, steps = prm_scores(hidden, positions, offsets, self.head, head_bias=self.head_bias, how=how,
-                                       empty=float("nan"))
+        candidates, steps = prm_scores(hidden, positions, self.head, offsets=offsets, head_bias=self.head_bias,
+                                       method=method, empty=float("nan"))
         return candidates.cpu(), steps.cpu()

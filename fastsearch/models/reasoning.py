@@ -41,7 +41,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fastsearch.search.types import Completion
+from fastsearch.checks import check_float, check_int
+from fastsearch.search import Completion
+from fastsearch.seeding import resolve_seed
 
 LEVELS = 5
 MAX_STEPS = 8  # the hardest problems take 8 reasoning steps (plus the answer step)
@@ -116,8 +118,7 @@ def make_problems(count: int, *, seed: int = 0, max_trap: float = 0.6) -> list[S
     Returns:
         list of :class:`SimulatedProblem`.
     """
-    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-        raise ValueError(f"count must be a positive int, got {count!r}")
+    count = check_int("count", count)
     rng = np.random.default_rng(seed)
     difficulty = (rng.permutation(count) + rng.uniform(size=count)) / count
     num_steps = np.clip(np.round(3 + 5 * difficulty + rng.uniform(-0.5, 0.5, size=count)), 3, MAX_STEPS)
@@ -253,13 +254,11 @@ class SimulatedGenerator:
 
     def __init__(self, *, step_error_min: float = 0.06, step_error_range: float = 0.6, shortcut_rate: float = 0.15,
                  step_delimiter: str = "\n\n", cost_per_call: float = 0.0, cost_per_token: float = 0.0):
-        if cost_per_call < 0 or cost_per_token < 0:
-            raise ValueError(f"costs must be non-negative, got cost_per_call={cost_per_call}, "
-                             f"cost_per_token={cost_per_token}")
         self.step_error_min, self.step_error_range = step_error_min, step_error_range
         self.shortcut_rate = shortcut_rate
         self.step_delimiter = step_delimiter
-        self.cost_per_call, self.cost_per_token = cost_per_call, cost_per_token
+        self.cost_per_call = check_float("cost_per_call", cost_per_call, low=0.0)
+        self.cost_per_token = check_float("cost_per_token", cost_per_token, low=0.0)
         self._problems = _ProblemTable()
 
     def generate(self, prompts: Sequence[str], *, n: int = 1, stop: Sequence[str] | None = None,
@@ -272,8 +271,7 @@ class SimulatedGenerator:
             per prompt, a list of n :class:`~fastsearch.search.Completion`.
         """
         began = time.perf_counter()
-        if seed is None:
-            seed = int(torch.randint(0, 2**62, ()))
+        seed = resolve_seed(seed)
         problem = np.fromiter(map(self._problems.find, prompts), dtype=np.int64, count=len(prompts))
         codes = np.fromiter(map(_last_code, prompts), dtype=np.uint64, count=len(prompts))
         if np.any(codes & np.uint64(_ANSWER)):

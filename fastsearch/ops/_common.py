@@ -2,28 +2,30 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 
 from fastsearch import _backend
+from fastsearch.checks import FLOAT_DTYPES
 
 lib = torch.library.Library("fastsearch", "DEF")
-
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-MAX_SEED = 2**63
 
 
 class Op:
     """One op family member: its C++ op (CPU and CUDA keys), its Triton op, check and reference.
 
+    ``fake`` gives the output shapes of both the schema op ``name`` and the Triton custom op (FakeTensor,
+    ``torch.compile``); it is registered for both here, so that no op is built without one.
     ``run`` is the whole dispatch a public function pays for: pick the backend, then either call the
     C++ op (which validates in C++) or validate in Python and call the Triton op or the reference.
     """
 
     __slots__ = ("name", "native", "triton", "check", "reference")
 
-    def __init__(self, name: str, triton: Callable, check: Callable, reference: Callable):
+    def __init__(self, name: str, triton: Callable, check: Callable, reference: Callable, fake: Callable):
+        for op in (f"fastsearch::{name}", triton):
+            torch.library.register_fake(op, fake, lib=lib)
         self.name = name
         self.native = getattr(torch.ops.fastsearch, name).default
         self.triton = triton
@@ -38,6 +40,30 @@ class Op:
         if which == "triton":
             return self.triton(*args)
         return self.reference(*args)
+
+
+# -- arguments of the public functions ----------------------------------------------------------------
+
+
+def tensor_arg(name: str, value) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(value).__name__}")
+    return value
+
+
+def int_arg(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    return value
+
+
+def method_code(name: str, value, table: dict[str, int]) -> int:
+    """The op's code for the variant named ``value`` in ``table`` (``VOTE_MODES``, ...)."""
+    # strings only: a list gets this message too, not the dict's "unhashable type" TypeError
+    code = table.get(value) if isinstance(value, str) else None
+    if code is None:
+        raise ValueError(f"{name} must be one of {list(table)}, got {value!r}")
+    return code
 
 
 def schedule_arg(value, name: str, sample: torch.Tensor) -> tuple[torch.Tensor | None, float]:
@@ -62,29 +88,12 @@ def schedule_arg(value, name: str, sample: torch.Tensor) -> tuple[torch.Tensor |
     return value, 0.0
 
 
-def seed_arg(seed) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        if isinstance(seed, torch.Tensor) and seed.dim() == 0 and not seed.is_floating_point():
-            seed = int(seed)
-        else:
-            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-    if not 0 <= seed < MAX_SEED:
-        raise ValueError(f"seed must be in [0, 2**63), got {seed}")
-    return seed
-
-
-def fresh_seed() -> int:
-    """A seed drawn from torch's default generator, so ``torch.manual_seed`` makes runs repeatable."""
-    return int(torch.randint(0, MAX_SEED - 1, (), dtype=torch.int64))
-
-
 # -- checks for the Python backends (the C++ kernels run the same checks in C++) ---------------------
 
 
 def check_data(name: str, tensor, sample: torch.Tensor) -> None:
     """``tensor`` must look exactly like ``sample``: same shape, dtype and device."""
-    if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"{name} must be a tensor, got {type(tensor).__name__}")
+    tensor_arg(name, tensor)
     if tensor.dtype != sample.dtype:
         raise TypeError(f"{name} has dtype {tensor.dtype} but sample has dtype {sample.dtype}")
     if tensor.shape != sample.shape:
@@ -94,8 +103,7 @@ def check_data(name: str, tensor, sample: torch.Tensor) -> None:
 
 
 def check_sample(sample, name: str = "sample") -> None:
-    if not isinstance(sample, torch.Tensor):
-        raise TypeError(f"{name} must be a tensor, got {type(sample).__name__}")
+    tensor_arg(name, sample)
     if sample.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float32, float16 or bfloat16, got {sample.dtype}")
     if sample.dim() < 1:
@@ -131,8 +139,3 @@ def per_sample(tensor: torch.Tensor | None, value: float, like: torch.Tensor) ->
     if tensor is None:
         return torch.tensor(value, dtype=torch.float32, device=like.device)
     return tensor.float().reshape((-1,) + (1,) * (like.dim() - 1))
-
-
-def register_fake(names: Sequence[str], fn: Callable) -> None:
-    for name in names:
-        torch.library.register_fake(f"fastsearch::{name}", fn, lib=lib)

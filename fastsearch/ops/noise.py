@@ -11,13 +11,8 @@ import math
 
 import torch
 
-from fastsearch.ops._common import (
-    Op,
-    check_sample,
-    lib,
-    register_fake,
-    seed_arg,
-)
+from fastsearch.ops._common import Op, check_sample, int_arg, lib, tensor_arg
+from fastsearch.seeding import check_seed
 
 _MASK32 = 0xFFFFFFFF
 _ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
@@ -157,11 +152,9 @@ def _zo_neighbors_fake(pivot, num_neighbors, cos_sim, seed):
     return pivot.new_empty((pivot.shape[0], num_neighbors) + tuple(pivot.shape[1:]))
 
 
-register_fake(["randn_fill_", "randn_fill_triton_"], _randn_fill_fake)
-register_fake(["zo_neighbors", "zo_neighbors_triton"], _zo_neighbors_fake)
-
-RANDN_FILL = Op("randn_fill_", _randn_fill_triton, _check_randn_fill, _randn_fill_reference)
-ZO_NEIGHBORS = Op("zo_neighbors", _zo_neighbors_triton, _check_zo_neighbors, _zo_neighbors_reference)
+RANDN_FILL = Op("randn_fill_", _randn_fill_triton, _check_randn_fill, _randn_fill_reference, _randn_fill_fake)
+ZO_NEIGHBORS = Op("zo_neighbors", _zo_neighbors_triton, _check_zo_neighbors, _zo_neighbors_reference,
+                  _zo_neighbors_fake)
 
 
 # -- public functions ----------------------------------------------------------------------------------
@@ -191,7 +184,7 @@ def randn(shape, *, seed: int, offset: int = 0, device=None, dtype: torch.dtype 
         >>> torch.equal(a.flatten(), b)
         True
     """
-    seed = seed_arg(seed)
+    seed = check_seed(seed)
     if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
         raise ValueError(f"offset must be a non-negative int, got {offset!r}")
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -222,9 +215,7 @@ def zo_neighbors(pivot: torch.Tensor, num_neighbors: int, *, cos_sim: float = 0.
         >>> x = torch.randn(4, 3, 8, 8)
         >>> nbrs = fastsearch.zo_neighbors(x, 5, seed=0)   # [4, 5, 3, 8, 8]
     """
-    if isinstance(num_neighbors, bool) or not isinstance(num_neighbors, int):
-        raise TypeError(f"num_neighbors must be an int, got {type(num_neighbors).__name__}")
-    if not isinstance(pivot, torch.Tensor):
-        raise TypeError(f"pivot must be a tensor, got {type(pivot).__name__}")
-    seed = seed_arg(seed)
-    return ZO_NEIGHBORS.run(backend, pivot.device, pivot, num_neighbors, float(cos_sim), seed)
+    num_neighbors = int_arg("num_neighbors", num_neighbors)
+    device = tensor_arg("pivot", pivot).device
+    seed = check_seed(seed)
+    return ZO_NEIGHBORS.run(backend, device, pivot, num_neighbors, float(cos_sim), seed)

@@ -5,19 +5,21 @@ logits of a few tokens (e.g. "good" / "bad") at the step's tag position. Those l
 of the LM head, applied to the hidden states at the tag positions: ``[S, H] @ [H, C]`` instead of the
 ``[T, V]`` logit matrix that the usual code computes and then throws away but for two columns.
 
-Ragged candidates: ``step_offsets`` [N + 1] (int64, CSR style, ``step_offsets[0] == 0``,
-``step_offsets[-1] == S``) says which steps belong to which candidate; dense [N, K] step scores need none.
-Every op computes in fp32 and returns fp32.
+Ragged candidates: ``offsets`` [N + 1] (int64, CSR style, ``offsets[0] == 0``, ``offsets[-1] == S``)
+says which steps belong to which candidate; dense [N, K] step scores need none, and 1-D step scores
+without offsets are one candidate. Every op computes in fp32 and returns fp32; :func:`prm_scores` returns
+the NamedTuple :class:`PRMScores` (candidate scores first, then the step scores they came from).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
-from fastsearch.ops._common import FLOAT_DTYPES, Op, lib, register_fake
-from fastsearch.ops.select import _check_scores, _padded, check_groups
+from fastsearch.ops._common import FLOAT_DTYPES, Op, int_arg, lib, method_code, tensor_arg
+from fastsearch.ops.groups import check_groups, check_scores, pad_groups
 
 AGGREGATIONS = {"last": 0, "min": 1, "prod": 2, "mean": 3, "max": 4, "logit_sum": 5}
 ACTIVATIONS = {"softmax": 0, "sigmoid": 1}
@@ -27,6 +29,19 @@ MAX_HEAD_ROWS = 8
 LOGIT_CLIP = 1e-7
 # L2 normalisation divides by max(norm, NORM_EPS), as torch.nn.functional.normalize does.
 NORM_EPS = 1e-12
+
+
+class PRMScores(NamedTuple):
+    """What :func:`prm_scores` returns: the candidate scores, then the step scores they aggregate.
+
+    Attributes:
+        scores: [N] float32, one aggregated score per candidate (0-d without offsets: one candidate).
+        step_scores: [S] float32, the score of every step, candidate by candidate.
+    """
+
+    scores: torch.Tensor
+    step_scores: torch.Tensor
+
 
 lib.define("prm_step_scores(Tensor hidden_states, Tensor step_positions, Tensor head_weight, Tensor? head_bias, "
            "int positive_index, int activation) -> Tensor")
@@ -50,7 +65,7 @@ def _prm_step_scores_reference(hidden_states, step_positions, head_weight, head_
 
 
 def _aggregate_steps_reference(step_scores, step_offsets, how, empty):
-    padded, index = _padded(step_scores.float(), step_offsets, 0.0)
+    padded, index = pad_groups(step_scores.float(), step_offsets, 0.0)
     valid = index >= 0
     sizes = valid.sum(-1)
     if how == 0:
@@ -94,7 +109,7 @@ def _ensemble_scores_reference(scores, offsets, how, weights):
     num_verifiers, num = values.shape
     if offsets is None:
         offsets = torch.tensor([0, num], device=values.device)
-    _, index = _padded(values[0], offsets, 0.0)
+    _, index = pad_groups(values[0], offsets, 0.0)
     valid = index >= 0
     padded = values[:, index.clamp(min=0)]  # [V, G, Cmax]
     nan = torch.isnan(padded)
@@ -129,8 +144,7 @@ def _ensemble_scores_reference(scores, offsets, how, weights):
 
 
 def _check_int64_vector(name: str, tensor) -> None:
-    if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"{name} must be a tensor, got {type(tensor).__name__}")
+    tensor_arg(name, tensor)
     if tensor.dtype != torch.int64:
         raise TypeError(f"{name} must be an int64 tensor, got {tensor.dtype}")
     if tensor.dim() != 1:
@@ -138,8 +152,7 @@ def _check_int64_vector(name: str, tensor) -> None:
 
 
 def _check_float_data(name: str, tensor) -> None:
-    if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"{name} must be a tensor, got {type(tensor).__name__}")
+    tensor_arg(name, tensor)
     if tensor.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float32, float16 or bfloat16, got {tensor.dtype}")
 
@@ -205,7 +218,7 @@ def _check_prm_step_scores(hidden_states, step_positions, head_weight, head_bias
 
 
 def _check_aggregate_steps(step_scores, step_offsets, how, empty):
-    _check_scores("step_scores", step_scores)
+    check_scores("step_scores", step_scores)
     if how not in range(len(AGGREGATIONS)):
         raise ValueError(f"how must be 0..{len(AGGREGATIONS) - 1}, got {how}")
     if step_offsets is None:
@@ -258,7 +271,7 @@ def _check_cosine_scores(embeddings, references, offsets):
 
 
 def _check_ensemble_scores(scores, offsets, how, weights):
-    _check_scores("scores", scores)
+    check_scores("scores", scores)
     if scores.dim() != 2:
         raise ValueError(f"scores must be [V, N] (one row per verifier), got shape {list(scores.shape)}")
     if scores.shape[0] < 1:
@@ -348,42 +361,25 @@ def _ensemble_fake(scores, offsets, how, weights):
     return scores.new_empty((scores.shape[1],), dtype=torch.float32)
 
 
-register_fake(["prm_step_scores", "prm_step_scores_triton"], _step_scores_fake)
-register_fake(["aggregate_steps", "aggregate_steps_triton"], _aggregate_fake)
-register_fake(["prm_scores", "prm_scores_triton"], _prm_scores_fake)
-register_fake(["cosine_scores", "cosine_scores_triton"], _cosine_fake)
-register_fake(["ensemble_scores", "ensemble_scores_triton"], _ensemble_fake)
-
-PRM_STEP_SCORES = Op("prm_step_scores", _prm_step_scores_triton, _check_prm_step_scores, _prm_step_scores_reference)
-AGGREGATE_STEPS = Op("aggregate_steps", _aggregate_steps_triton, _check_aggregate_steps, _aggregate_steps_reference)
-PRM_SCORES = Op("prm_scores", _prm_scores_triton, _check_prm_scores, _prm_scores_reference)
-COSINE_SCORES = Op("cosine_scores", _cosine_scores_triton, _check_cosine_scores, _cosine_scores_reference)
-ENSEMBLE_SCORES = Op("ensemble_scores", _ensemble_scores_triton, _check_ensemble_scores, _ensemble_scores_reference)
+PRM_STEP_SCORES = Op("prm_step_scores", _prm_step_scores_triton, _check_prm_step_scores, _prm_step_scores_reference,
+                     _step_scores_fake)
+AGGREGATE_STEPS = Op("aggregate_steps", _aggregate_steps_triton, _check_aggregate_steps, _aggregate_steps_reference,
+                     _aggregate_fake)
+PRM_SCORES = Op("prm_scores", _prm_scores_triton, _check_prm_scores, _prm_scores_reference, _prm_scores_fake)
+COSINE_SCORES = Op("cosine_scores", _cosine_scores_triton, _check_cosine_scores, _cosine_scores_reference,
+                   _cosine_fake)
+ENSEMBLE_SCORES = Op("ensemble_scores", _ensemble_scores_triton, _check_ensemble_scores, _ensemble_scores_reference,
+                     _ensemble_fake)
 
 
 # -- public functions ----------------------------------------------------------------------------------
 
 
-def _code(name: str, value, table: dict[str, int]) -> int:
-    code = table.get(value) if isinstance(value, str) else None
-    if code is None:
-        raise ValueError(f"{name} must be one of {list(table)}, got {value!r}")
-    return code
-
-
 def _tokens(name: str, hidden_states) -> torch.Tensor:
     """[T, H] as given, or [..., H] flattened to [T, H] (a view when contiguous)."""
-    if not isinstance(hidden_states, torch.Tensor):
-        raise TypeError(f"{name} must be a tensor, got {type(hidden_states).__name__}")
-    if hidden_states.dim() > 2:
+    if tensor_arg(name, hidden_states).dim() > 2:
         return hidden_states.reshape(-1, hidden_states.shape[-1])
     return hidden_states
-
-
-def _index(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    return value
 
 
 def _empty_arg(empty) -> float | None:
@@ -401,7 +397,8 @@ def prm_step_scores(hidden_states: torch.Tensor, step_positions: torch.Tensor, h
 
     For step s with hidden row ``h = hidden_states[step_positions[s]]`` and logits ``l = head_weight @ h
     (+ head_bias)``: ``softmax(l)[positive_index]`` (a token-pair PRM: the rows of the LM head for the
-    "good" and "bad" tokens, see :func:`lm_head_rows`) or ``sigmoid(l[positive_index])`` (a one-logit head).
+    "good" and "bad" tokens, see :func:`fastsearch.integrations.transformers.lm_head_rows`) or
+    ``sigmoid(l[positive_index])`` (a one-logit head).
     Equal to computing the full logits and taking the softmax of those columns, at a ``V / C`` fraction
     of the work and none of the ``[T, V]`` memory.
 
@@ -419,67 +416,84 @@ def prm_step_scores(hidden_states: torch.Tensor, step_positions: torch.Tensor, h
         [S] float32 step scores in [0, 1].
 
     Example:
-        >>> head = fastsearch.lm_head_rows(model, [good_id, bad_id])
+        >>> from fastsearch.integrations.transformers import lm_head_rows
+        >>> head = lm_head_rows(model, [good_id, bad_id])
         >>> hidden = model(ids, output_hidden_states=True).hidden_states[-1]
         >>> fastsearch.prm_step_scores(hidden, tag_positions, head)
     """
     hidden_states = _tokens("hidden_states", hidden_states)
     return PRM_STEP_SCORES.run(backend, hidden_states.device, hidden_states, step_positions, head_weight, head_bias,
-                               _index("positive_index", positive_index), _code("activation", activation, ACTIVATIONS))
+                               int_arg("positive_index", positive_index),
+                               method_code("activation", activation, ACTIVATIONS))
 
 
-def aggregate_steps(step_scores: torch.Tensor, step_offsets: torch.Tensor | None, *, how: str = "last",
+def aggregate_steps(step_scores: torch.Tensor, *, offsets: torch.Tensor | None = None, method: str = "last",
                     empty: float | None = None, backend: str = "auto") -> torch.Tensor:
     """One score per candidate from its ragged step scores, for all candidates in one launch.
 
-    ``how``: ``last`` (the final step, the usual PRM choice), ``min``, ``max``, ``prod``, ``mean``, or
+    ``method``: ``last`` (the final step, the usual PRM choice), ``min``, ``max``, ``prod``, ``mean``, or
     ``logit_sum`` (``sum log(p / (1 - p))`` with p clipped to [1e-7, 1 - 1e-7]: the log-odds a
     particle filter accumulates). A NaN step score makes the candidate's score NaN (for ``last``, only
     a NaN final step does), which every selection op ranks last.
 
     Args:
-        step_scores: flat [S] float with ``step_offsets``, or dense [N, K] with ``step_offsets=None``.
-        step_offsets: int64 [N + 1], candidate n owns steps ``step_offsets[n] : step_offsets[n + 1]``.
-        how: the aggregation, see above.
+        step_scores: flat [S] float with ``offsets``, dense [N, K] (candidate n owns row n), or [S]
+            without ``offsets`` (one candidate).
+        offsets: int64 [N + 1], candidate n owns steps ``offsets[n] : offsets[n + 1]``.
+        method: the aggregation, see above.
         empty: the score of a candidate with no steps; None makes such a candidate an error.
         backend: ``"auto"``, ``"torch"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
 
     Returns:
-        [N] float32.
+        [N] float32; a 0-d tensor for 1-D ``step_scores`` without offsets.
 
     Example:
         >>> steps = torch.tensor([0.9, 0.8, 0.3, 0.7])
-        >>> fastsearch.aggregate_steps(steps, torch.tensor([0, 3, 4]), how="min")
+        >>> fastsearch.aggregate_steps(steps, offsets=torch.tensor([0, 3, 4]), method="min")
         tensor([0.3000, 0.7000])
     """
-    if not isinstance(step_scores, torch.Tensor):
-        raise TypeError(f"step_scores must be a tensor, got {type(step_scores).__name__}")
-    return AGGREGATE_STEPS.run(backend, step_scores.device, step_scores, step_offsets,
-                               _code("how", how, AGGREGATIONS), _empty_arg(empty))
+    tensor_arg("step_scores", step_scores)
+    code = method_code("method", method, AGGREGATIONS)
+    if offsets is None and step_scores.dim() == 1:  # one candidate: the [1, S] row, candidate dimension dropped
+        return AGGREGATE_STEPS.run(backend, step_scores.device, step_scores.unsqueeze(0), None, code,
+                                   _empty_arg(empty)).squeeze(0)
+    return AGGREGATE_STEPS.run(backend, step_scores.device, step_scores, offsets, code, _empty_arg(empty))
 
 
-def prm_scores(hidden_states: torch.Tensor, step_positions: torch.Tensor, step_offsets: torch.Tensor,
-               head_weight: torch.Tensor, *, head_bias: torch.Tensor | None = None, positive_index: int = 0,
-               activation: str = "softmax", how: str = "last", empty: float | None = None,
-               backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+def prm_scores(hidden_states: torch.Tensor, step_positions: torch.Tensor, head_weight: torch.Tensor, *,
+               offsets: torch.Tensor | None = None, head_bias: torch.Tensor | None = None, positive_index: int = 0,
+               activation: str = "softmax", method: str = "last", empty: float | None = None,
+               backend: str = "auto") -> PRMScores:
     """:func:`prm_step_scores` and :func:`aggregate_steps` fused into one launch.
 
     Args:
         hidden_states: [T, H] (or [B, L, H]) float32 / float16 / bfloat16.
         step_positions: [S] int64 step-tag rows of ``hidden_states``, candidate by candidate.
-        step_offsets: [N + 1] int64, candidate n owns steps ``step_offsets[n] : step_offsets[n + 1]``.
-        head_weight, head_bias, positive_index, activation: as in :func:`prm_step_scores`.
-        how, empty: as in :func:`aggregate_steps`.
+        head_weight: [C, H], as in :func:`prm_step_scores`.
+        offsets: int64 [N + 1], candidate n owns steps ``offsets[n] : offsets[n + 1]``; None: all S steps
+            are one candidate.
+        head_bias, positive_index, activation: as in :func:`prm_step_scores`.
+        method, empty: as in :func:`aggregate_steps`.
         backend: ``"auto"``, ``"torch"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
 
     Returns:
-        ``(candidate_scores [N], step_scores [S])``, both float32.
+        :class:`PRMScores` ``(scores [N], step_scores [S])``, both float32; ``scores`` is 0-d without
+        ``offsets``.
+
+    Example:
+        >>> scores, step_scores = fastsearch.prm_scores(hidden, tag_positions, head, offsets=step_offsets,
+        ...                                             method="min")
     """
     hidden_states = _tokens("hidden_states", hidden_states)
-    return PRM_SCORES.run(backend, hidden_states.device, hidden_states, step_positions, step_offsets, head_weight,
-                          head_bias, _index("positive_index", positive_index),
-                          _code("activation", activation, ACTIVATIONS), _code("how", how, AGGREGATIONS),
-                          _empty_arg(empty))
+    one_candidate = offsets is None
+    if one_candidate:
+        num_steps = tensor_arg("step_positions", step_positions).numel()
+        offsets = torch.tensor([0, num_steps], device=hidden_states.device)
+    scores, step_scores = PRM_SCORES.run(backend, hidden_states.device, hidden_states, step_positions, offsets,
+                                         head_weight, head_bias, int_arg("positive_index", positive_index),
+                                         method_code("activation", activation, ACTIVATIONS),
+                                         method_code("method", method, AGGREGATIONS), _empty_arg(empty))
+    return tuple.__new__(PRMScores, (scores.squeeze(0) if one_candidate else scores, step_scores))
 
 
 def cosine_scores(embeddings: torch.Tensor, references: torch.Tensor, *, offsets: torch.Tensor | None = None,
@@ -500,12 +514,10 @@ def cosine_scores(embeddings: torch.Tensor, references: torch.Tensor, *, offsets
     Returns:
         [N] float32 in [-1, 1].
     """
-    if not isinstance(embeddings, torch.Tensor):
-        raise TypeError(f"embeddings must be a tensor, got {type(embeddings).__name__}")
-    return COSINE_SCORES.run(backend, embeddings.device, embeddings, references, offsets)
+    return COSINE_SCORES.run(backend, tensor_arg("embeddings", embeddings).device, embeddings, references, offsets)
 
 
-def ensemble_scores(scores: torch.Tensor, *, offsets: torch.Tensor | None = None, how: str = "rank",
+def ensemble_scores(scores: torch.Tensor, *, offsets: torch.Tensor | None = None, method: str = "rank",
                     weights: torch.Tensor | Sequence[float] | None = None, backend: str = "auto") -> torch.Tensor:
     """Combine V verifiers' scores into one score per candidate, group by group; higher is better.
 
@@ -518,59 +530,20 @@ def ensemble_scores(scores: torch.Tensor, *, offsets: torch.Tensor | None = None
     Args:
         scores: [V, N] (or [N] for one verifier) float, one row per verifier.
         offsets: int64 [G + 1] groups over N (e.g. one group per prompt); None: one group of all N.
-        how: ``"rank"`` or ``"zscore"``.
+        method: ``"rank"`` or ``"zscore"``.
         weights: [V] non-negative, not all zero (a tensor or a sequence); None weights all equally.
         backend: ``"auto"``, ``"torch"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
 
     Returns:
         [N] float32.
+
+    Example:
+        >>> fastsearch.ensemble_scores(torch.stack([clip, aesthetic]), offsets=prompt_offsets, method="rank")
     """
-    if not isinstance(scores, torch.Tensor):
-        raise TypeError(f"scores must be a tensor, got {type(scores).__name__}")
-    if scores.dim() == 1:
+    if tensor_arg("scores", scores).dim() == 1:
         scores = scores[None]
     if weights is not None and not (isinstance(weights, torch.Tensor) and weights.dtype == torch.float32
                                     and weights.device == scores.device):
         weights = torch.as_tensor(weights, dtype=torch.float32, device=scores.device)
-    return ENSEMBLE_SCORES.run(backend, scores.device, scores, offsets, _code("how", how, ENSEMBLES), weights)
-
-
-def lm_head_rows(model, token_ids, *, with_bias: bool = False):
-    """The rows of a causal LM's output embedding for the given tokens: a PRM head without the vocabulary.
-
-    Handles tied and untied heads and the linear logit scalings some configs apply after the head
-    (``logit_scale`` multiplies, ``logits_scaling`` divides), which change the softmax over the rows.
-    A model that soft-caps its logits (``final_logit_softcapping``) is refused: a cap is not linear, so
-    no pair of rows reproduces it.
-
-    Args:
-        model: a transformers causal LM (anything with ``get_output_embeddings()`` returning a module with
-            ``weight`` [V, H]).
-        token_ids: C token ids (ints or a 1-D integer tensor), e.g. ``[good_id, bad_id]``.
-        with_bias: also return the head's bias rows (None when the head has no bias).
-
-    Returns:
-        [C, H] rows in the head's dtype and device, detached; ``(rows, bias)`` with ``with_bias=True``.
-    """
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    weight = getattr(head, "weight", None)
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        raise TypeError(f"model must have get_output_embeddings() with a [V, H] weight, got "
-                        f"{type(model).__name__} (head {type(head).__name__})")
-    config = getattr(model, "config", None)
-    if getattr(config, "final_logit_softcapping", None):
-        raise ValueError(f"{type(model).__name__} soft-caps its logits (final_logit_softcapping="
-                         f"{config.final_logit_softcapping}); head rows cannot reproduce a non-linear cap")
-    ids = torch.as_tensor(token_ids)
-    if ids.dim() != 1 or ids.is_floating_point() or ids.dtype == torch.bool:
-        raise ValueError(f"token_ids must be a 1-D sequence of integer ids, got {token_ids!r}")
-    ids = ids.to(device=weight.device, dtype=torch.int64)
-    vocab = weight.shape[0]
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
-        raise ValueError(f"token_ids must be in [0, V={vocab}), got {ids.tolist()}")
-    scale = float(getattr(config, "logit_scale", None) or 1.0) / float(getattr(config, "logits_scaling", None) or 1.0)
-    with torch.no_grad():
-        rows = weight.index_select(0, ids) * scale if scale != 1.0 else weight.index_select(0, ids).clone()
-        bias = getattr(head, "bias", None)
-        bias = None if bias is None else bias.index_select(0, ids) * scale
-    return (rows, bias) if with_bias else rows
+    return ENSEMBLE_SCORES.run(backend, scores.device, scores, offsets, method_code("method", method, ENSEMBLES),
+                               weights)

@@ -9,6 +9,8 @@ that sit at different noise levels in one call.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from fastsearch.ops._common import (
@@ -17,14 +19,14 @@ from fastsearch.ops._common import (
     check_noise,
     check_sample,
     check_schedule,
-    fresh_seed,
     lib,
+    method_code,
     per_sample,
-    register_fake,
     schedule_arg,
-    seed_arg,
+    tensor_arg,
 )
 from fastsearch.ops.noise import randn_reference
+from fastsearch.seeding import check_seed, fresh_seed
 
 PREDICTION_TYPES = {"epsilon": 0, "sample": 1, "v_prediction": 2}
 RENOISE_SCHEDULES = {"vp": 0, "flow": 1}
@@ -46,6 +48,18 @@ lib.define(
     "renoise(Tensor sample, Tensor? level_from, float level_from_value, Tensor? level_to, "
     "float level_to_value, int schedule, Tensor? noise, int? seed) -> Tensor"
 )
+
+
+class DDIMStepOutput(NamedTuple):
+    """What :func:`ddim_step` returns, with the field names of diffusers' ``DDIMSchedulerOutput``.
+
+    Attributes:
+        prev_sample: x at the previous (less noisy) level, like ``sample``.
+        pred_original_sample: the x0 prediction (clipped when ``clip_sample_range`` is given), like ``sample``.
+    """
+
+    prev_sample: torch.Tensor
+    pred_original_sample: torch.Tensor
 
 
 def _noise_reference(noise, seed, sample):
@@ -217,14 +231,12 @@ def _ddim_step_fake(sample, *args):
     return _like_sample(sample), _like_sample(sample)
 
 
-register_fake(["ddim_step", "ddim_step_triton"], _ddim_step_fake)
-register_fake(["flow_euler_step", "flow_euler_step_triton", "flow_heun_step", "flow_heun_step_triton",
-               "renoise", "renoise_triton"], _like_sample)
-
-DDIM_STEP = Op("ddim_step", _ddim_step_triton, _check_ddim_step, _ddim_step_reference)
-FLOW_EULER_STEP = Op("flow_euler_step", _flow_euler_step_triton, _check_flow_euler_step, _flow_euler_step_reference)
-FLOW_HEUN_STEP = Op("flow_heun_step", _flow_heun_step_triton, _check_flow_heun_step, _flow_heun_step_reference)
-RENOISE = Op("renoise", _renoise_triton, _check_renoise, _renoise_reference)
+DDIM_STEP = Op("ddim_step", _ddim_step_triton, _check_ddim_step, _ddim_step_reference, _ddim_step_fake)
+FLOW_EULER_STEP = Op("flow_euler_step", _flow_euler_step_triton, _check_flow_euler_step, _flow_euler_step_reference,
+                     _like_sample)
+FLOW_HEUN_STEP = Op("flow_heun_step", _flow_heun_step_triton, _check_flow_heun_step, _flow_heun_step_reference,
+                    _like_sample)
+RENOISE = Op("renoise", _renoise_triton, _check_renoise, _renoise_reference, _like_sample)
 
 
 # -- public functions ----------------------------------------------------------------------------------
@@ -233,22 +245,16 @@ RENOISE = Op("renoise", _renoise_triton, _check_renoise, _renoise_reference)
 def _noise_args(noise, seed, needs_noise: bool):
     """Resolve ``noise=`` / ``seed=``: a step that draws noise and got neither takes a fresh seed."""
     if seed is not None:
-        seed = seed_arg(seed)
+        seed = check_seed(seed)
     elif noise is None and needs_noise:
         seed = fresh_seed()
     return noise, seed
 
 
-def _tensor(value, name):
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name} must be a tensor, got {type(value).__name__}")
-    return value
-
-
 def ddim_step(sample: torch.Tensor, model_output: torch.Tensor, alpha_prod_t, alpha_prod_t_prev, *,
               eta: float = 0.0, noise: torch.Tensor | None = None, seed: int | None = None,
               prediction_type: str = "epsilon", clip_sample_range: float | None = None,
-              use_clipped_model_output: bool = False, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+              use_clipped_model_output: bool = False, backend: str = "auto") -> DDIMStepOutput:
     """One DDIM step (diffusers ``DDIMScheduler.step``) for a batch, with per-sample noise levels.
 
     With ``a = alpha_prod_t``, ``a' = alpha_prod_t_prev``, the model output is turned into
@@ -270,7 +276,7 @@ def ddim_step(sample: torch.Tensor, model_output: torch.Tensor, alpha_prod_t, al
         backend: ``"auto"``, ``"torch"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
 
     Returns:
-        ``(prev_sample, pred_original_sample)``, each like ``sample``.
+        :class:`DDIMStepOutput` ``(prev_sample, pred_original_sample)``, each like ``sample``.
 
     Example:
         >>> x = torch.randn(8, 4, 64, 64)
@@ -278,16 +284,15 @@ def ddim_step(sample: torch.Tensor, model_output: torch.Tensor, alpha_prod_t, al
         >>> a = scheduler.alphas_cumprod[t]                # [8]: each sample at its own step
         >>> prev, x0 = fastsearch.ddim_step(x, eps, a, a_prev, eta=1.0, seed=0)
     """
-    code = PREDICTION_TYPES.get(prediction_type)
-    if code is None:
-        raise ValueError(f"prediction_type must be one of {list(PREDICTION_TYPES)}, got {prediction_type!r}")
-    sample = _tensor(sample, "sample")
+    code = method_code("prediction_type", prediction_type, PREDICTION_TYPES)
+    sample = tensor_arg("sample", sample)
     alpha, alpha_value = schedule_arg(alpha_prod_t, "alpha_prod_t", sample)
     alpha_prev, alpha_prev_value = schedule_arg(alpha_prod_t_prev, "alpha_prod_t_prev", sample)
     noise, seed = _noise_args(noise, seed, eta > 0)
     clip = None if clip_sample_range is None else float(clip_sample_range)
-    return DDIM_STEP.run(backend, sample.device, sample, model_output, alpha, alpha_value, alpha_prev,
-                         alpha_prev_value, float(eta), noise, seed, code, clip, bool(use_clipped_model_output))
+    out = DDIM_STEP.run(backend, sample.device, sample, model_output, alpha, alpha_value, alpha_prev, alpha_prev_value,
+                        float(eta), noise, seed, code, clip, bool(use_clipped_model_output))
+    return tuple.__new__(DDIMStepOutput, out)
 
 
 def flow_euler_step(sample: torch.Tensor, velocity: torch.Tensor, sigma, sigma_next, *,
@@ -309,12 +314,12 @@ def flow_euler_step(sample: torch.Tensor, velocity: torch.Tensor, sigma, sigma_n
         backend: ``"auto"``, ``"torch"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
 
     Returns:
-        prev_sample, like ``sample``.
+        prev_sample: x at ``sigma_next``, like ``sample``.
 
     Example:
         >>> x = fastsearch.flow_euler_step(x, model(x, s), s, s_next)
     """
-    sample = _tensor(sample, "sample")
+    sample = tensor_arg("sample", sample)
     s, s_value = schedule_arg(sigma, "sigma", sample)
     s_next, s_next_value = schedule_arg(sigma_next, "sigma_next", sample)
     noise, seed = _noise_args(noise, seed, stochastic)
@@ -338,14 +343,14 @@ def flow_heun_step(sample: torch.Tensor, velocity: torch.Tensor, velocity_next: 
         backend: ``"auto"``, ``"torch"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
 
     Returns:
-        prev_sample, like ``sample``.
+        prev_sample: the corrected x at ``sigma_next``, like ``sample``.
 
     Example:
         >>> v1 = model(x, s)
         >>> x_pred = fastsearch.flow_euler_step(x, v1, s, s_next)
         >>> x = fastsearch.flow_heun_step(x, v1, model(x_pred, s_next), s, s_next)
     """
-    sample = _tensor(sample, "sample")
+    sample = tensor_arg("sample", sample)
     s, s_value = schedule_arg(sigma, "sigma", sample)
     s_next, s_next_value = schedule_arg(sigma_next, "sigma_next", sample)
     return FLOW_HEUN_STEP.run(backend, sample.device, sample, velocity, velocity_next, s, s_value, s_next,
@@ -377,10 +382,8 @@ def renoise(sample: torch.Tensor, level_from, level_to, *, schedule: str = "vp",
     Example:
         >>> x_noisier = fastsearch.renoise(x, sigma, sigma + 0.2, schedule="flow", seed=3)
     """
-    code = RENOISE_SCHEDULES.get(schedule)
-    if code is None:
-        raise ValueError(f"schedule must be one of {list(RENOISE_SCHEDULES)}, got {schedule!r}")
-    sample = _tensor(sample, "sample")
+    code = method_code("schedule", schedule, RENOISE_SCHEDULES)
+    sample = tensor_arg("sample", sample)
     start, start_value = schedule_arg(level_from, "level_from", sample)
     end, end_value = schedule_arg(level_to, "level_to", sample)
     _check_levels(code, start, start_value, end, end_value)

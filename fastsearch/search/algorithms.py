@@ -33,20 +33,12 @@ import numpy as np
 import torch
 
 import fastsearch
-from fastsearch.search._run import RESAMPLE_STREAM, SearchRun, as_numpy, split_steps
-from fastsearch.search.types import (
-    Generator,
-    SearchResult,
-    StepVerifier,
-    check_choice,
-    check_int,
-    derive_seed,
-    extract_answer,
-)
-
-RESAMPLE_METHODS = ("systematic", "multinomial", "stratified", "residual")
-# Particle log-weights clip scores to [CLIP, 1 - CLIP] before the logit, so that they stay finite.
-SCORE_CLIP = 1e-7
+from fastsearch.checks import check_choice, check_float, check_int
+from fastsearch.ops.particles import RESAMPLE_METHODS
+from fastsearch.ops.score import LOGIT_CLIP
+from fastsearch.search.run import SearchRun, as_numpy, split_steps
+from fastsearch.search.types import Generator, SearchResult, StepVerifier, extract_answer
+from fastsearch.seeding import Stream, derive_seed
 
 
 def _beam_options(n, beam_width, max_steps, lookahead) -> tuple[int, int, int, int]:
@@ -267,7 +259,7 @@ def dvts(problems: Sequence[str], generator: Generator, verifier: StepVerifier, 
             scores = run.score(candidate_owner, candidate_steps if last else _with_lookahead(
                 run, candidates, candidate_owner, candidate_steps, done, lookahead))
             # a subtree whose candidates all scored NaN takes its first one
-            best = fastsearch.segmented_topk(scores.view(-1, beam_width), 1)[1][:, 0].numpy().clip(min=0)
+            best = fastsearch.segmented_topk(scores.view(-1, beam_width), 1).indices[:, 0].numpy().clip(min=0)
             best += np.arange(0, scores.numel(), beam_width)
             best_done = done[best]
             stopped, going = np.flatnonzero(best_done), np.flatnonzero(~best_done)
@@ -316,8 +308,7 @@ def particle_filter(problems: Sequence[str], generator: Generator, verifier: Ste
     n = check_int("n", n)
     max_steps = check_int("max_steps", max_steps)
     check_choice("resample", resample, RESAMPLE_METHODS)
-    if isinstance(ess_threshold, bool) or not isinstance(ess_threshold, int | float) or not 0 <= ess_threshold <= 1:
-        raise ValueError(f"ess_threshold must be a float in [0, 1], got {ess_threshold!r}")
+    ess_threshold = check_float("ess_threshold", ess_threshold, low=0.0, high=1.0)
     with SearchRun(f"particle_filter(n={n}, resample={resample}, ess_threshold={ess_threshold:g})", problems,
                    generator, verifier, aggregate=aggregate, vote=vote, answer_fn=answer_fn, temperature=temperature,
                    max_tokens=max_tokens, seed=seed, step_delimiter=step_delimiter, prompt_fn=prompt_fn,
@@ -344,15 +335,16 @@ def particle_filter(problems: Sequence[str], generator: Generator, verifier: Ste
             done[open_particles] = new_done
             if done.all():
                 break
-            # A NaN score weighs as the worst score: resampling cannot order NaN.
-            clipped = np.clip(np.nan_to_num(scores, nan=0.0), SCORE_CLIP, 1.0 - SCORE_CLIP)
+            # A NaN score weighs as the worst score: resampling cannot order NaN. The clip is the one
+            # aggregate_steps(method="logit_sum") applies, so that log-weights stay finite.
+            clipped = np.clip(np.nan_to_num(scores, nan=0.0), LOGIT_CLIP, 1.0 - LOGIT_CLIP)
             log_weights = torch.from_numpy(np.log(clipped) - np.log1p(-clipped)).view(groups, n)
             ess = fastsearch.effective_sample_size(log_weights).numpy()
             resampled = (ess < ess_threshold * n) & (~done).reshape(groups, n).any(-1)
             if not resampled.any():
                 continue
             ancestors = fastsearch.resample(log_weights, n, method=resample,
-                                            seed=derive_seed(run.seed, RESAMPLE_STREAM, step)).numpy()
+                                            seed=derive_seed(run.seed, Stream.RESAMPLE, step)).numpy()
             ancestors = np.where(resampled[:, None], ancestors, identity).reshape(-1)
             chosen = ancestors.tolist()
             prompts = list(map(prompts.__getitem__, chosen))

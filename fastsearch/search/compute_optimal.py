@@ -17,21 +17,10 @@ from dataclasses import dataclass, replace
 import torch
 from tqdm.auto import tqdm
 
+from fastsearch.checks import check_int, check_texts
 from fastsearch.search.algorithms import beam_search, best_of_n, dvts
-from fastsearch.search.types import (
-    Generator,
-    SearchResult,
-    Spent,
-    StepVerifier,
-    check_int,
-    check_problems,
-    check_seed,
-    derive_seed,
-)
-
-_PROBE_STREAM = 3
-_FIT_STREAM = 4
-_SEARCH_STREAM = 5
+from fastsearch.search.types import Generator, SearchResult, Spent, StepVerifier
+from fastsearch.seeding import Stream, check_seed, derive_seed, resolve_seed
 
 
 @dataclass(frozen=True)
@@ -131,15 +120,15 @@ class ComputeOptimal:
         Returns:
             self.
         """
-        problems = check_problems(problems)
+        problems = check_texts("problems", problems)
         if len(answers) != len(problems):
             raise ValueError(f"got {len(answers)} answers for {len(problems)} problems")
-        budgets = [check_int("budgets", budget) for budget in budgets]
+        budgets = [check_int(f"budgets[{index}]", budget) for index, budget in enumerate(budgets)]
         if not budgets:
             raise ValueError("budgets is empty")
-        check_seed(seed)
+        seed = check_seed(seed)
         same = is_correct or str.__eq__
-        difficulty, _ = self.difficulty(problems, generator, verifier, seed=derive_seed(seed, _PROBE_STREAM))
+        difficulty, _ = self.difficulty(problems, generator, verifier, seed=derive_seed(seed, Stream.PROBE))
         levels = torch.arange(1, self.bins, dtype=torch.float32) / self.bins
         self.edges = torch.quantile(difficulty, levels)
         bin_of = torch.bucketize(difficulty, self.edges)
@@ -151,7 +140,7 @@ class ComputeOptimal:
             settings = strategy.settings(budgets[b])
             if settings is None:
                 continue
-            result = strategy.search(problems, generator, verifier, seed=derive_seed(seed, _FIT_STREAM, b, s),
+            result = strategy.search(problems, generator, verifier, seed=derive_seed(seed, Stream.FIT, b, s),
                                      **settings, **self.options)
             right = torch.tensor(list(map(same, result.answers, answers)), dtype=torch.float32)
             accuracy[b, :, s] = torch.zeros(self.bins).index_add_(0, bin_of, right) / per_bin
@@ -178,13 +167,11 @@ class ComputeOptimal:
         """
         self._check_fitted()
         began = time.perf_counter()
-        problems = check_problems(problems)
+        problems = check_texts("problems", problems)
         if budget not in self.budgets:
             raise ValueError(f"budget must be one of the fitted budgets {self.budgets}, got {budget!r}")
-        seed = check_seed(seed)
-        if seed is None:
-            seed = int(torch.randint(0, 2**62, ()))
-        difficulty, spent = self.difficulty(problems, generator, verifier, seed=derive_seed(seed, _PROBE_STREAM))
+        seed = resolve_seed(seed)
+        difficulty, spent = self.difficulty(problems, generator, verifier, seed=derive_seed(seed, Stream.PROBE))
         bin_of = torch.bucketize(difficulty, self.edges)
         choice = self.choice[self.budgets.index(budget)][bin_of]
         parts = []
@@ -192,7 +179,7 @@ class ComputeOptimal:
             members = torch.nonzero(choice == s).flatten()
             strategy = self.strategies[s]
             result = strategy.search([problems[i] for i in members.tolist()], generator, verifier,
-                                     seed=derive_seed(seed, _SEARCH_STREAM, s), progress=progress,
+                                     seed=derive_seed(seed, Stream.SEARCH, s), progress=progress,
                                      **strategy.settings(budget),
                                      **self.options)
             parts.append((members, result))

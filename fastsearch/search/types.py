@@ -10,20 +10,14 @@ and hands them to the verifier and to ``answer_fn``.
 
 from __future__ import annotations
 
-import itertools
-import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
-import numpy as np
 import torch
 
-from fastsearch.ops._common import MAX_SEED
-
 VOTES = ("none", "majority", "weighted")
-AGGREGATIONS = ("last", "min", "prod", "mean", "max", "logit_sum")
 
 
 class Completion(NamedTuple):
@@ -166,135 +160,3 @@ def extract_answer(text: str) -> str:
                     return text[begin:position].strip()
     lines = _LAST_LINE.findall(text)
     return lines[-1].strip() if lines else ""
-
-
-# -- seeds ----------------------------------------------------------------------------------------------
-
-_MASK64 = (1 << 64) - 1
-
-
-def _splitmix64(value: int) -> int:
-    value = (value + 0x9E3779B97F4A7C15) & _MASK64
-    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return value ^ (value >> 31)
-
-
-def derive_seed(seed: int, *keys: int) -> int:
-    """A seed in [0, 2**63) for one use (``keys``, e.g. stream and step) of a search's ``seed``.
-
-    Distinct keys give unrelated seeds, so every generator call and every resampling step draws from its
-    own stream and a search is a deterministic function of its seed.
-    """
-    value = _splitmix64(seed)
-    for key in keys:
-        value = _splitmix64(value ^ (key & _MASK64))
-    return value % MAX_SEED
-
-
-# -- validation and conversion ----------------------------------------------------------------------------
-
-
-def check_problems(problems) -> list[str]:
-    if isinstance(problems, str) or not isinstance(problems, Sequence):
-        raise TypeError(f"problems must be a list of strings, got {type(problems).__name__}")
-    if len(problems) == 0:
-        raise ValueError("problems is empty: give at least one problem")
-    problems = list(problems)
-    for index, problem in enumerate(problems):
-        if not isinstance(problem, str):
-            raise TypeError(f"problems[{index}] must be a str, got {type(problem).__name__}")
-    return problems
-
-
-def check_int(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be at least {minimum}, got {value}")
-    return int(value)
-
-
-def check_choice(name: str, value, choices: Sequence[str]) -> str:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
-    return value
-
-
-def check_models(generator, verifier) -> None:
-    if not callable(getattr(generator, "generate", None)):
-        raise TypeError(f"generator must have a generate(prompts, *, n, stop, temperature, max_tokens, seed) "
-                        f"method, got {type(generator).__name__}")
-    if not callable(getattr(verifier, "score", None)):
-        raise TypeError(f"verifier must have a score(problems, step_lists) method, got {type(verifier).__name__}")
-
-
-def check_callable(name: str, value: Callable) -> Callable:
-    if not callable(value):
-        raise TypeError(f"{name} must be callable, got {type(value).__name__}")
-    return value
-
-
-def check_temperature(value) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"temperature must be a finite float >= 0, got {value!r}")
-    return float(value)
-
-
-def check_seed(seed) -> int | None:
-    if seed is None:
-        return None
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
-    if not 0 <= seed < MAX_SEED:
-        raise ValueError(f"seed must be in [0, 2**63), got {seed}")
-    return seed
-
-
-def flat_completions(outputs, num_prompts: int, n: int) -> list[Completion]:
-    """The generator's per-prompt lists flattened (prompt-major), after checking there are n per prompt."""
-    if not isinstance(outputs, Sequence) or len(outputs) != num_prompts:
-        got = len(outputs) if isinstance(outputs, Sequence) else type(outputs).__name__
-        raise ValueError(f"generator.generate returned {got} lists for {num_prompts} prompts: expected one list "
-                         f"of n={n} completions per prompt")
-    flat = list(itertools.chain.from_iterable(outputs))
-    if len(flat) != num_prompts * n:
-        wrong = next(i for i, per_prompt in enumerate(outputs) if len(per_prompt) != n)
-        raise ValueError(f"generator.generate returned {len(outputs[wrong])} completions for prompt {wrong}, "
-                         f"expected n={n}")
-    return flat
-
-
-def packed_scores(returned, expected_steps: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """The verifier's answer as ``(scores [S] float32, offsets [N + 1] int64)``, checked against the
-    number of steps each candidate has (``expected_steps`` [N] int64)."""
-    num = expected_steps.shape[0]
-    if isinstance(returned, tuple) and len(returned) == 2 and isinstance(returned[0], torch.Tensor):
-        scores, offsets = returned
-        if not isinstance(offsets, torch.Tensor) or offsets.dtype != torch.int64 or offsets.dim() != 1:
-            raise TypeError("verifier.score returned packed scores whose offsets are not a 1-D int64 tensor")
-        offsets = offsets.detach().cpu()
-        bounds = offsets.numpy()
-        if bounds.size != num + 1:
-            raise ValueError(f"verifier.score returned offsets for {bounds.size - 1} candidates, expected {num} "
-                             "(one per step list)")
-        scores = scores.detach().reshape(-1).to("cpu", torch.float32)
-        if bounds[0] != 0 or bounds[-1] != scores.numel():
-            raise ValueError(f"verifier.score returned offsets {bounds[0]} ... {bounds[-1]} for {scores.numel()} "
-                             "scores: they must run from 0 to the number of scores")
-        counts = np.diff(bounds)
-    else:
-        if isinstance(returned, str) or not isinstance(returned, Sequence):
-            raise TypeError(f"verifier.score must return a list of score lists or (scores, offsets) tensors, got "
-                            f"{type(returned).__name__}")
-        if len(returned) != num:
-            raise ValueError(f"verifier.score returned {len(returned)} score lists for {num} candidates, expected "
-                             "one per step list")
-        counts = np.fromiter(map(len, returned), dtype=np.int64, count=num)
-        scores = torch.from_numpy(np.array(list(itertools.chain.from_iterable(returned)), dtype=np.float32))
-        offsets = torch.from_numpy(np.concatenate([np.zeros(1, dtype=np.int64), np.cumsum(counts)]))
-    if not np.array_equal(counts, expected_steps):
-        wrong = int(np.flatnonzero(counts != expected_steps)[0])
-        raise ValueError(f"verifier.score returned {int(counts[wrong])} scores for candidate {wrong}, which has "
-                         f"{int(expected_steps[wrong])} steps: expected one score per step")
-    return scores, offsets

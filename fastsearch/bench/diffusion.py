@@ -14,9 +14,9 @@ from collections.abc import Callable
 
 import torch
 
-from fastsearch.diffusion.samplers import FlowSampler
-from fastsearch.diffusion.search import (
-    SearchResult,
+from fastsearch.diffusion import (
+    FlowSampler,
+    NoiseSearchResult,
     fk_steering,
     paths_search,
     random_search,
@@ -46,7 +46,7 @@ class _Timed:
         return out
 
 
-def cases(device="cpu") -> dict[str, Callable[[Callable, Callable], SearchResult]]:
+def cases(device="cpu") -> dict[str, Callable[[Callable, Callable], NoiseSearchResult]]:
     """The benchmarked searches, each with 256 model rows per step.
 
     Returns:
@@ -75,7 +75,7 @@ def problem(device="cpu") -> tuple[Callable, Callable]:
     return mixture.flow_model(), gmm.ModeLogDensity(mixture)
 
 
-def overhead_per_nfe(run: Callable[[Callable, Callable], SearchResult], device="cpu") -> float:
+def overhead_per_nfe(run: Callable[[Callable, Callable], NoiseSearchResult], device="cpu") -> float:
     """Seconds per NFE that one call of ``run`` spends outside the model and the verifier."""
     device = torch.device(device)
     model, verifier = problem(device)

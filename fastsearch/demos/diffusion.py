@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from fastsearch.diffusion import (
     FlowSampler,
-    SearchResult,
+    NoiseSearchResult,
     fk_steering,
     no_search,
     paths_search,
@@ -54,10 +54,10 @@ class _Model:
     budgets: list[int]
     fk_lam: float  # FK's lambda, in the verifier's units: tens of nats for the GMM, a few for the digits
     # further per-result numbers (name -> function of the result), reported like the score
-    metrics: dict[str, Callable[[SearchResult], float]] = field(default_factory=dict)
+    metrics: dict[str, Callable[[NoiseSearchResult], float]] = field(default_factory=dict)
 
 
-def _min_budget(algorithm: str, steps: int) -> int:
+def min_budget(algorithm: str, steps: int) -> int:
     """The smallest budget each search is run at.
 
     Zero-order search needs ``NUM_NEIGHBORS + 1`` samples a round; with the intervals of ``_search`` one path
@@ -67,7 +67,7 @@ def _min_budget(algorithm: str, steps: int) -> int:
             "paths": 4 * steps}[algorithm]
 
 
-def _search(algorithm: str, setup: _Model, budget: int, seed: int) -> SearchResult:
+def _search(algorithm: str, setup: _Model, budget: int, seed: int) -> NoiseSearchResult:
     steps = setup.steps
     common = {"seed": seed, "progress": False, **setup.cond}
     args = (setup.model, setup.verifier)
@@ -105,7 +105,7 @@ def _digits_setup(quick: bool, progress: bool) -> tuple[_Model, float]:
     load_seconds = time.perf_counter() - begin
     labels = torch.arange(digits.NUM_CLASSES).repeat(2 if quick else 4)
 
-    def accuracy(result: SearchResult) -> float:
+    def accuracy(result: NoiseSearchResult) -> float:
         return (trained.predict(result.sample) == labels).float().mean().item()
 
     steps = 4 if quick else 10
@@ -125,7 +125,7 @@ def _run_model(setup: _Model, bar: tqdm) -> tuple[dict, dict[str, torch.Tensor]]
     for algorithm in ALGORITHMS:
         rows = {name: [] for name in names}
         for budget in setup.budgets:
-            if budget < _min_budget(algorithm, setup.steps):
+            if budget < min_budget(algorithm, setup.steps):
                 for values in rows.values():
                     values.append(None)
                 continue
@@ -231,7 +231,7 @@ def run(out_dir: Path, *, quick: bool = False, progress: bool = True) -> dict:
         digits_setup, load_seconds = _digits_setup(quick, progress)
         setups = [_gmm_setup(quick), digits_setup]
         total = sum(1 for setup in setups for algorithm in ALGORITHMS for budget in setup.budgets
-                    if budget >= _min_budget(algorithm, setup.steps))
+                    if budget >= min_budget(algorithm, setup.steps))
         with tqdm(total=total, desc="diffusion demo", unit="search", disable=not progress) as bar:
             for setup in setups:
                 results[setup.name], best = _run_model(setup, bar)

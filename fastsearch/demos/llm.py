@@ -16,7 +16,7 @@ import time
 import torch
 
 from fastsearch.models import reasoning
-from fastsearch.search.compute_optimal import ComputeOptimal, default_strategies
+from fastsearch.search import ComputeOptimal, default_strategies
 
 BUDGETS = (4, 16, 64, 256)
 QUICK_BUDGETS = (4, 16)

@@ -11,34 +11,17 @@ import contextlib
 import gc
 import time
 from collections.abc import Callable, Sequence
-from itertools import repeat
+from itertools import chain, repeat
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 import fastsearch
-from fastsearch.ops._common import fresh_seed
-from fastsearch.search.types import (
-    AGGREGATIONS,
-    VOTES,
-    Completion,
-    SearchResult,
-    Spent,
-    check_callable,
-    check_choice,
-    check_int,
-    check_models,
-    check_problems,
-    check_seed,
-    check_temperature,
-    derive_seed,
-    flat_completions,
-    packed_scores,
-)
-
-GENERATE_STREAM = 1
-RESAMPLE_STREAM = 2
+from fastsearch.checks import check_callable, check_choice, check_float, check_int, check_texts
+from fastsearch.ops.score import AGGREGATIONS
+from fastsearch.search.types import VOTES, Completion, SearchResult, Spent
+from fastsearch.seeding import Stream, derive_seed, resolve_seed
 
 
 def split_steps(texts: Sequence[str], delimiter: str) -> list[tuple[str, ...]]:
@@ -73,19 +56,20 @@ class SearchRun:
                  answer_fn: Callable[[str], str], temperature: float, max_tokens: int, seed: int | None,
                  step_delimiter: str, prompt_fn: Callable[[str], str] | None, progress: bool):
         self.start = time.perf_counter()
-        self.problems = check_problems(problems)
+        self.problems = check_texts("problems", problems)
         check_models(generator, verifier)
         self.generator, self.verifier = generator, verifier
         self.strategy = strategy
         self.aggregate = check_choice("aggregate", aggregate, AGGREGATIONS)
         self.vote = check_choice("vote", vote, VOTES)
         self.answer_fn = check_callable("answer_fn", answer_fn)
-        self.temperature = check_temperature(temperature)
+        self.temperature = check_float("temperature", temperature, low=0.0)
         self.max_tokens = check_int("max_tokens", max_tokens)
-        seed = check_seed(seed)
-        self.seed = fresh_seed() if seed is None else seed
-        if not isinstance(step_delimiter, str) or not step_delimiter:
-            raise ValueError(f"step_delimiter must be a non-empty string, got {step_delimiter!r}")
+        self.seed = resolve_seed(seed)
+        if not isinstance(step_delimiter, str):
+            raise TypeError(f"step_delimiter must be a str, got {type(step_delimiter).__name__}")
+        if not step_delimiter:
+            raise ValueError("step_delimiter must be a non-empty string, got ''")
         self.delimiter = step_delimiter
         if prompt_fn is None:
             self.prefixes = [problem + step_delimiter for problem in self.problems]
@@ -136,7 +120,7 @@ class SearchRun:
 
         ``owner`` [P] int64 is the problem of each prompt (for the per-problem token count).
         """
-        seed = derive_seed(self.seed, GENERATE_STREAM, self.generator_calls)
+        seed = derive_seed(self.seed, Stream.GENERATE, self.generator_calls)
         began = time.perf_counter()
         with self._caller_threads():
             outputs = self.generator.generate(prompts, n=n, stop=stop,
@@ -170,7 +154,7 @@ class SearchRun:
         self.verifier_calls += 1
         scores, offsets = packed_scores(returned, expected)
         self.scored_steps += scores.numel()
-        return fastsearch.aggregate_steps(scores, offsets, how=self.aggregate)
+        return fastsearch.aggregate_steps(scores, offsets=offsets, method=self.aggregate)
 
     def completions(self, prompts: Sequence[str], owner: np.ndarray) -> list[str]:
         """The generated part of full prompts (the problem's prefix cut off)."""
@@ -199,7 +183,7 @@ class SearchRun:
         offsets = torch.zeros(self.num_problems + 1, dtype=torch.int64)
         torch.cumsum(counts, 0, out=offsets[1:])
         if keep is not None:
-            kept = fastsearch.segmented_topk(scores, keep, offsets=offsets)[1]
+            kept = fastsearch.segmented_topk(scores, keep, offsets=offsets).indices
             valid = kept >= 0
             kept = kept[valid]
             scores = scores[kept]
@@ -224,11 +208,11 @@ class SearchRun:
     def _choose(self, answers: list[str], scores: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         """[G] int64 flat index of each problem's pick; -1 where a problem has no candidate with a score."""
         if self.vote == "none":
-            return fastsearch.segmented_topk(scores, 1, offsets=offsets)[1][:, 0]
+            return fastsearch.segmented_topk(scores, 1, offsets=offsets).indices[:, 0]
         ids: dict[str, int] = {}
         keys = torch.from_numpy(np.fromiter((ids.setdefault(answer, len(ids)) for answer in answers),
                                             dtype=np.int64, count=len(answers)))
-        return fastsearch.vote(keys, scores, mode=self.vote, offsets=offsets)
+        return fastsearch.vote(keys, scores, offsets=offsets, method=self.vote)
 
     def spent(self) -> Spent:
         wall = time.perf_counter() - self.start
@@ -244,3 +228,63 @@ class SearchRun:
             overhead_seconds=max(wall - self.generator_seconds - self.verifier_seconds, 0.0),
             wall_seconds=wall,
         )
+
+
+# -- checks of the user's generator and verifier and of what they return -------------------------------
+
+
+def check_models(generator, verifier) -> None:
+    if not callable(getattr(generator, "generate", None)):
+        raise TypeError(f"generator must have a generate(prompts, *, n, stop, temperature, max_tokens, seed) "
+                        f"method, got {type(generator).__name__}")
+    if not callable(getattr(verifier, "score", None)):
+        raise TypeError(f"verifier must have a score(problems, step_lists) method, got {type(verifier).__name__}")
+
+
+def flat_completions(outputs, num_prompts: int, n: int) -> list[Completion]:
+    """The generator's per-prompt lists flattened (prompt-major), after checking there are n per prompt."""
+    if not isinstance(outputs, Sequence) or len(outputs) != num_prompts:
+        got = len(outputs) if isinstance(outputs, Sequence) else type(outputs).__name__
+        raise ValueError(f"generator.generate returned {got} lists for {num_prompts} prompts: expected one list "
+                         f"of n={n} completions per prompt")
+    flat = list(chain.from_iterable(outputs))
+    if len(flat) != num_prompts * n:
+        wrong = next(i for i, per_prompt in enumerate(outputs) if len(per_prompt) != n)
+        raise ValueError(f"generator.generate returned {len(outputs[wrong])} completions for prompt {wrong}, "
+                         f"expected n={n}")
+    return flat
+
+
+def packed_scores(returned, expected_steps: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """The verifier's answer as ``(scores [S] float32, offsets [N + 1] int64)``, checked against the
+    number of steps each candidate has (``expected_steps`` [N] int64)."""
+    num = expected_steps.shape[0]
+    if isinstance(returned, tuple) and len(returned) == 2 and isinstance(returned[0], torch.Tensor):
+        scores, offsets = returned
+        if not isinstance(offsets, torch.Tensor) or offsets.dtype != torch.int64 or offsets.dim() != 1:
+            raise TypeError("verifier.score returned packed scores whose offsets are not a 1-D int64 tensor")
+        offsets = offsets.detach().cpu()
+        bounds = offsets.numpy()
+        if bounds.size != num + 1:
+            raise ValueError(f"verifier.score returned offsets for {bounds.size - 1} candidates, expected {num} "
+                             "(one per step list)")
+        scores = scores.detach().reshape(-1).to("cpu", torch.float32)
+        if bounds[0] != 0 or bounds[-1] != scores.numel():
+            raise ValueError(f"verifier.score returned offsets {bounds[0]} ... {bounds[-1]} for {scores.numel()} "
+                             "scores: they must run from 0 to the number of scores")
+        counts = np.diff(bounds)
+    else:
+        if isinstance(returned, str) or not isinstance(returned, Sequence):
+            raise TypeError(f"verifier.score must return a list of score lists or (scores, offsets) tensors, got "
+                            f"{type(returned).__name__}")
+        if len(returned) != num:
+            raise ValueError(f"verifier.score returned {len(returned)} score lists for {num} candidates, expected "
+                             "one per step list")
+        counts = np.fromiter(map(len, returned), dtype=np.int64, count=num)
+        scores = torch.from_numpy(np.array(list(chain.from_iterable(returned)), dtype=np.float32))
+        offsets = torch.from_numpy(np.concatenate([np.zeros(1, dtype=np.int64), np.cumsum(counts)]))
+    if not np.array_equal(counts, expected_steps):
+        wrong = int(np.flatnonzero(counts != expected_steps)[0])
+        raise ValueError(f"verifier.score returned {int(counts[wrong])} scores for candidate {wrong}, which has "
+                         f"{int(expected_steps[wrong])} steps: expected one score per step")
+    return scores, offsets

@@ -1,0 +1,1 @@
+"""Demos that run the searches on the embedded models and print tables and plots (``fastsearch demo``)."""
