@@ -35,9 +35,18 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE_ROOTS = {"fastsearch": "fastsearch", "kernels": "fastsearch.kernels"}
 
 
-def run(*cmd, cwd=None, env=None) -> None:
+def run(*cmd, cwd=None, env=None, log: Path | None = None) -> None:
+    """Runs a command, failing on a non-zero exit; with ``log``, its output goes there (the tail is shown on
+    failure) rather than to the terminal."""
     print("+", " ".join(str(c) for c in cmd), flush=True)
-    subprocess.run([str(c) for c in cmd], cwd=cwd, env=env, check=True)
+    if log is None:
+        subprocess.run([str(c) for c in cmd], cwd=cwd, env=env, check=True)
+        return
+    with open(log, "w") as out:
+        done = subprocess.run([str(c) for c in cmd], cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        print("".join(open(log).readlines()[-60:]), flush=True)
+        sys.exit(f"check_dist: {cmd[0]} ... exited with {done.returncode} (--keep keeps its whole output, {log.name})")
 
 
 def source_files() -> list[str]:
@@ -92,7 +101,7 @@ def main() -> None:
                 os.symlink(os.readlink(ROOT / f), src / f)
             else:
                 shutil.copy2(ROOT / f, src / f)
-        run(sys.executable, "-m", "build", "--no-isolation", "--outdir", dist, src)
+        run(sys.executable, "-m", "build", "--no-isolation", "--outdir", dist, src, log=work / "build.log")
         sdists, wheels = sorted(dist.glob("fastsearch-*.tar.gz")), sorted(dist.glob("fastsearch-*.whl"))
         if len(sdists) != 1 or len(wheels) != 1:
             sys.exit(f"check_dist: expected one sdist and one wheel, got {sdists + wheels}")
