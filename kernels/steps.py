@@ -3,9 +3,12 @@
 Every step is one pass over memory on the same grid: program ``(b, w)`` takes window ``w`` of sample
 ``b`` (see ``philox.segment_window``), so the schedule values and everything derived from them are
 per-program scalars, and noise drawn from ``seed`` is one ``stream_normals`` call per window.
+
+The launchers write into outputs the caller gives (contiguous, like the sample). An output may be an input
+itself, for an in-place step: each element belongs to one program, which loads it from every input before
+it stores it, and a stored value depends on the loaded ones, so no element is read after it was written.
 """
 
-import torch
 import triton
 import triton.language as tl
 
@@ -150,7 +153,8 @@ def _level_args(tensor, value, dummy):
     """A ``(Tensor? t, float value)`` schedule pair as kernel arguments (ptr, stride, value, from_tensor)."""
     if tensor is None:
         return dummy, 0, float(value), False
-    return tensor, (0 if tensor.numel() == 1 else 1), 0.0, True
+    # The kernels index the values with stride 1 (0 for one shared value): a strided view is copied first.
+    return tensor.contiguous(), (0 if tensor.numel() == 1 else 1), 0.0, True
 
 
 def _noise_args(noise, seed, sample, draws: bool):
@@ -172,11 +176,10 @@ def _launch(kernel, sample, *args, **constexprs):
 
 
 def ddim_step(sample, model_output, alpha_prod_t, alpha_prod_t_value, alpha_prod_t_prev, alpha_prod_t_prev_value,
-              eta, noise, seed, prediction_type, clip_sample_range, use_clipped_model_output):
-    sample, model_output = sample.contiguous(), model_output.contiguous()
-    prev, x0 = torch.empty_like(sample), torch.empty_like(sample)
+              eta, noise, seed, prediction_type, clip_sample_range, use_clipped_model_output, prev, x0):
     if sample.numel() == 0:
-        return prev, x0
+        return
+    sample, model_output = sample.contiguous(), model_output.contiguous()
     alpha_ptr, alpha_stride, alpha_value, alpha_from_tensor = _level_args(alpha_prod_t, alpha_prod_t_value, sample)
     alpha_prev_ptr, alpha_prev_stride, alpha_prev_value, alpha_prev_from_tensor = _level_args(
         alpha_prod_t_prev, alpha_prod_t_prev_value, sample)
@@ -188,14 +191,13 @@ def ddim_step(sample, model_output, alpha_prod_t, alpha_prod_t_value, alpha_prod
             ALPHA_FROM_TENSOR=alpha_from_tensor, ALPHA_PREV_FROM_TENSOR=alpha_prev_from_tensor,
             PREDICTION_TYPE=prediction_type, CLIP=clip, USE_CLIPPED_MODEL_OUTPUT=clip and use_clipped_model_output,
             NOISE=eta > 0, SEEDED=seeded)
-    return prev, x0
 
 
-def flow_euler_step(sample, velocity, sigma, sigma_value, sigma_next, sigma_next_value, noise, seed, stochastic):
-    sample, velocity = sample.contiguous(), velocity.contiguous()
-    prev = torch.empty_like(sample)
+def flow_euler_step(sample, velocity, sigma, sigma_value, sigma_next, sigma_next_value, noise, seed, stochastic,
+                    prev):
     if sample.numel() == 0:
-        return prev
+        return
+    sample, velocity = sample.contiguous(), velocity.contiguous()
     sigma_ptr, sigma_stride, sigma_value, sigma_from_tensor = _level_args(sigma, sigma_value, sample)
     sigma_next_ptr, sigma_next_stride, sigma_next_value, sigma_next_from_tensor = _level_args(
         sigma_next, sigma_next_value, sample)
@@ -204,28 +206,24 @@ def flow_euler_step(sample, velocity, sigma, sigma_value, sigma_next, sigma_next
             sigma_ptr, sigma_stride, sigma_value, sigma_next_ptr, sigma_next_stride, sigma_next_value, seed,
             SIGMA_FROM_TENSOR=sigma_from_tensor, SIGMA_NEXT_FROM_TENSOR=sigma_next_from_tensor,
             STOCHASTIC=stochastic, SEEDED=seeded)
-    return prev
 
 
-def flow_heun_step(sample, velocity, velocity_next, sigma, sigma_value, sigma_next, sigma_next_value):
-    sample, velocity, velocity_next = sample.contiguous(), velocity.contiguous(), velocity_next.contiguous()
-    prev = torch.empty_like(sample)
+def flow_heun_step(sample, velocity, velocity_next, sigma, sigma_value, sigma_next, sigma_next_value, prev):
     if sample.numel() == 0:
-        return prev
+        return
+    sample, velocity, velocity_next = sample.contiguous(), velocity.contiguous(), velocity_next.contiguous()
     sigma_ptr, sigma_stride, sigma_value, sigma_from_tensor = _level_args(sigma, sigma_value, sample)
     sigma_next_ptr, sigma_next_stride, sigma_next_value, sigma_next_from_tensor = _level_args(
         sigma_next, sigma_next_value, sample)
     _launch(_flow_heun_step_kernel, sample, sample, velocity, velocity_next, prev,
             sigma_ptr, sigma_stride, sigma_value, sigma_next_ptr, sigma_next_stride, sigma_next_value,
             SIGMA_FROM_TENSOR=sigma_from_tensor, SIGMA_NEXT_FROM_TENSOR=sigma_next_from_tensor)
-    return prev
 
 
-def renoise(sample, level_from, level_from_value, level_to, level_to_value, schedule, noise, seed):
-    sample = sample.contiguous()
-    out = torch.empty_like(sample)
+def renoise(sample, level_from, level_from_value, level_to, level_to_value, schedule, noise, seed, out):
     if sample.numel() == 0:
-        return out
+        return
+    sample = sample.contiguous()
     start_ptr, start_stride, start_value, start_from_tensor = _level_args(level_from, level_from_value, sample)
     end_ptr, end_stride, end_value, end_from_tensor = _level_args(level_to, level_to_value, sample)
     noise_ptr, seed, seeded = _noise_args(noise, seed, sample, True)
@@ -233,4 +231,3 @@ def renoise(sample, level_from, level_from_value, level_to, level_to_value, sche
             start_ptr, start_stride, start_value, end_ptr, end_stride, end_value, seed,
             START_FROM_TENSOR=start_from_tensor, END_FROM_TENSOR=end_from_tensor, SCHEDULE=schedule,
             SEEDED=seeded)
-    return out

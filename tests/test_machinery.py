@@ -84,6 +84,22 @@ def test_opcheck(device, backend, name):
         torch.library.opcheck(op, args)
 
 
+@pytest.mark.parametrize("device,backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("name", ["ddim_step", "flow_euler_step", "flow_heun_step", "renoise"])
+def test_opcheck_out_variants(device, backend, name):
+    """The out= variants: the C++ overloads <name>.out (keyword-only outputs, returned) and the Triton ops
+    <name>_triton_out (outputs last, nothing returned)."""
+    for args in _op_cases(device)[name]:
+        count = 2 if name == "ddim_step" else 1
+        outs = [torch.empty_like(args[0]) for _ in range(count)]
+        if backend in ("cpu", "cuda"):
+            op = getattr(torch.ops.fastsearch, name).out
+            names = [arg.name for arg in op._schema.arguments if arg.kwarg_only]
+            torch.library.opcheck(op, args, dict(zip(names, outs, strict=True)))
+        else:
+            torch.library.opcheck(getattr(torch.ops.fastsearch, f"{name}_triton_out").default, (*args, *outs))
+
+
 @pytest.mark.skipif(not _backend.has_cpu(), reason="compiled CPU kernels not built")
 def test_torch_compile_fullgraph():
     def step(x, eps, alpha):

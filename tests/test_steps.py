@@ -135,6 +135,18 @@ def test_renoise_matches_reference(device, backend, dtype, shape, schedule, sche
     _compare(fn, device, backend, dtype, (sample,))
 
 
+@pytest.mark.parametrize("device,backend", KERNEL_BACKENDS)
+def test_strided_per_sample_schedule(device, backend):
+    """A per-sample schedule that is a strided view (every other value of a tensor) is read as its values."""
+    sample, velocity = _data((3, 4, 5), torch.float32, device, 2)
+    strided = torch.tensor([0.9, -1.0, 0.7, -1.0, 0.5, -1.0], device=device)[::2]
+    steps = (lambda levels, backend: (fastsearch.flow_euler_step(sample, velocity, levels, 0.1, backend=backend),),
+             lambda levels, backend: fastsearch.ddim_step(sample, velocity, 0.3, levels, backend=backend))
+    for step in steps:
+        for got, expected in zip(step(strided, backend), step(strided.contiguous(), "torch"), strict=True):
+            assert_matches_reference(got, expected)
+
+
 @pytest.mark.parametrize("device,backend", ALL_BACKENDS)
 def test_seed_equals_noise_from_randn(device, backend):
     """``seed=s`` draws exactly ``fastsearch.randn(sample.shape, seed=s)`` in-kernel."""

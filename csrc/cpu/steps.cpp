@@ -1,6 +1,10 @@
 // CPU kernels of the sampler steps (DDIM, flow-matching Euler / Heun, re-noising); formulas in
 // csrc/README.md. Each step is one pass: per-sample coefficients in fp32, then an affine combination of
 // the inputs (and the noise) per element, with the noise drawn in-kernel when given a seed.
+//
+// Every op has an allocating form and a `.out` form that writes into the caller's tensors; both run the
+// same writer. An output may be an input itself (common/out_checks.h): map_blocks loads a block of every
+// input before it stores that block of the outputs, and each block belongs to one thread.
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch_v2.h>
 #include <ATen/EmptyTensor.h>
@@ -14,6 +18,7 @@
 #include <tuple>
 
 #include "common/op_checks.h"
+#include "common/out_checks.h"
 #include "cpu/vec_stream.h"
 
 namespace fastsearch::cpu {
@@ -80,15 +85,13 @@ DdimCoefficients ddim_coefficients(float alpha, float alpha_prev, float eta, int
   return c;
 }
 
-std::tuple<at::Tensor, at::Tensor> ddim_step(const at::Tensor& sample, const at::Tensor& model_output,
-                                             const std::optional<at::Tensor>& alpha_prod_t, double alpha_prod_t_value,
-                                             const std::optional<at::Tensor>& alpha_prod_t_prev,
-                                             double alpha_prod_t_prev_value, double eta,
-                                             const std::optional<at::Tensor>& noise, std::optional<int64_t> seed,
-                                             int64_t prediction_type, std::optional<double> clip_sample_range,
-                                             bool use_clipped_model_output) {
-  check_ddim_step_args(sample, model_output, alpha_prod_t, alpha_prod_t_prev, eta, noise, seed, prediction_type,
-                       clip_sample_range);
+// Writes DDIM into prev and x0 (contiguous, like sample); the arguments are checked.
+void ddim_step_into(const at::Tensor& sample, const at::Tensor& model_output,
+                    const std::optional<at::Tensor>& alpha_prod_t, double alpha_prod_t_value,
+                    const std::optional<at::Tensor>& alpha_prod_t_prev, double alpha_prod_t_prev_value, double eta,
+                    const std::optional<at::Tensor>& noise, std::optional<int64_t> seed, int64_t prediction_type,
+                    std::optional<double> clip_sample_range, bool use_clipped_model_output, at::Tensor& prev,
+                    at::Tensor& x0) {
   const Contiguous x = sample.expect_contiguous();
   const Contiguous m = model_output.expect_contiguous();
   const bool draws = eta > 0;
@@ -99,8 +102,6 @@ std::tuple<at::Tensor, at::Tensor> ddim_step(const at::Tensor& sample, const at:
   const bool clip = clip_sample_range.has_value();
   const float clip_bound = clip ? static_cast<float>(*clip_sample_range) : std::numeric_limits<float>::infinity();
   const bool eps_from_clipped_x0 = clip && use_clipped_model_output;
-  at::Tensor prev = empty_output(*x);
-  at::Tensor x0 = empty_output(*x);
 
   AT_DISPATCH_V2(x->scalar_type(), "ddim_step", AT_WRAP([&] {
     const scalar_t* x_data = x->const_data_ptr<scalar_t>();
@@ -124,16 +125,47 @@ std::tuple<at::Tensor, at::Tensor> ddim_step(const at::Tensor& sample, const at:
           });
     });
   }), at::kFloat, at::kHalf, at::kBFloat16);
+}
+
+std::tuple<at::Tensor, at::Tensor> ddim_step(const at::Tensor& sample, const at::Tensor& model_output,
+                                             const std::optional<at::Tensor>& alpha_prod_t, double alpha_prod_t_value,
+                                             const std::optional<at::Tensor>& alpha_prod_t_prev,
+                                             double alpha_prod_t_prev_value, double eta,
+                                             const std::optional<at::Tensor>& noise, std::optional<int64_t> seed,
+                                             int64_t prediction_type, std::optional<double> clip_sample_range,
+                                             bool use_clipped_model_output) {
+  check_ddim_step_args(sample, model_output, alpha_prod_t, alpha_prod_t_prev, eta, noise, seed, prediction_type,
+                       clip_sample_range);
+  at::Tensor prev = empty_output(sample);
+  at::Tensor x0 = empty_output(sample);
+  ddim_step_into(sample, model_output, alpha_prod_t, alpha_prod_t_value, alpha_prod_t_prev, alpha_prod_t_prev_value,
+                 eta, noise, seed, prediction_type, clip_sample_range, use_clipped_model_output, prev, x0);
   return {prev, x0};
 }
 
+std::tuple<at::Tensor&, at::Tensor&> ddim_step_out(
+    const at::Tensor& sample, const at::Tensor& model_output, const std::optional<at::Tensor>& alpha_prod_t,
+    double alpha_prod_t_value, const std::optional<at::Tensor>& alpha_prod_t_prev, double alpha_prod_t_prev_value,
+    double eta, const std::optional<at::Tensor>& noise, std::optional<int64_t> seed, int64_t prediction_type,
+    std::optional<double> clip_sample_range, bool use_clipped_model_output, at::Tensor& prev_sample,
+    at::Tensor& pred_original_sample) {
+  check_ddim_step_args(sample, model_output, alpha_prod_t, alpha_prod_t_prev, eta, noise, seed, prediction_type,
+                       clip_sample_range);
+  check_ddim_step_out(sample, model_output, alpha_prod_t, alpha_prod_t_prev, noise, prev_sample,
+                      pred_original_sample);
+  ddim_step_into(sample, model_output, alpha_prod_t, alpha_prod_t_value, alpha_prod_t_prev, alpha_prod_t_prev_value,
+                 eta, noise, seed, prediction_type, clip_sample_range, use_clipped_model_output, prev_sample,
+                 pred_original_sample);
+  return {prev_sample, pred_original_sample};
+}
+
 // out = sum_k w_k inputs[k] + w_z z per element, with (w_0, ..., w_z) = weights(sample) per sample: the
-// shape of every step but DDIM. inputs[0] is the sample; `noise` is contiguous or undefined.
+// shape of every step but DDIM. inputs[0] is the sample; `noise` is contiguous or undefined; `out` is
+// contiguous, like the sample.
 template <size_t kInputs, typename Weights>
-at::Tensor affine_step(const std::array<const at::Tensor*, kInputs>& inputs, const at::Tensor& noise,
-                       std::optional<int64_t> seed, bool draws, const Weights& weights) {
+void affine_step(const std::array<const at::Tensor*, kInputs>& inputs, const at::Tensor& noise,
+                 std::optional<int64_t> seed, bool draws, const Weights& weights, at::Tensor& out) {
   const at::Tensor& x = *inputs[0];
-  at::Tensor out = empty_output(x);
   AT_DISPATCH_V2(x.scalar_type(), "affine_step", AT_WRAP([&] {
     std::array<const scalar_t*, kInputs> input_data;
     for (size_t k = 0; k < kInputs; ++k) input_data[k] = inputs[k]->template const_data_ptr<scalar_t>();
@@ -156,55 +188,94 @@ at::Tensor affine_step(const std::array<const at::Tensor*, kInputs>& inputs, con
                                        });
     });
   }), at::kFloat, at::kHalf, at::kBFloat16);
-  return out;
 }
 
-at::Tensor flow_euler_step(const at::Tensor& sample, const at::Tensor& velocity, const std::optional<at::Tensor>& sigma,
-                           double sigma_value, const std::optional<at::Tensor>& sigma_next, double sigma_next_value,
-                           const std::optional<at::Tensor>& noise, std::optional<int64_t> seed, bool stochastic) {
-  check_flow_euler_step_args(sample, velocity, sigma, sigma_next, noise, seed, stochastic);
+void flow_euler_step_into(const at::Tensor& sample, const at::Tensor& velocity,
+                          const std::optional<at::Tensor>& sigma, double sigma_value,
+                          const std::optional<at::Tensor>& sigma_next, double sigma_next_value,
+                          const std::optional<at::Tensor>& noise, std::optional<int64_t> seed, bool stochastic,
+                          at::Tensor& out) {
   const Contiguous x = sample.expect_contiguous();
   const Contiguous v = velocity.expect_contiguous();
   const Contiguous z = contiguous_noise(noise, stochastic);
   at::Tensor sigma_values, sigma_next_values;
   const ScheduleValue level = schedule_value(sigma, sigma_value, sigma_values);
   const ScheduleValue level_next = schedule_value(sigma_next, sigma_next_value, sigma_next_values);
-  return affine_step<2>({&*x, &*v}, *z, seed, stochastic, [&](int64_t sample_index) {
+  affine_step<2>({&*x, &*v}, *z, seed, stochastic, [&](int64_t sample_index) {
     const float s = level.at(sample_index);
     const float s_next = level_next.at(sample_index);
     if (!stochastic) return std::array<float, 3>{1.0f, s_next - s, 0.0f};  // x + (s' - s) v
     const float keep = 1.0f - s_next;
     return std::array<float, 3>{keep, -keep * s, s_next};  // (1 - s') (x - s v) + s' z
-  });
+  }, out);
 }
 
-at::Tensor flow_heun_step(const at::Tensor& sample, const at::Tensor& velocity, const at::Tensor& velocity_next,
-                          const std::optional<at::Tensor>& sigma, double sigma_value,
-                          const std::optional<at::Tensor>& sigma_next, double sigma_next_value) {
-  check_flow_heun_step_args(sample, velocity, velocity_next, sigma, sigma_next);
+at::Tensor flow_euler_step(const at::Tensor& sample, const at::Tensor& velocity, const std::optional<at::Tensor>& sigma,
+                           double sigma_value, const std::optional<at::Tensor>& sigma_next, double sigma_next_value,
+                           const std::optional<at::Tensor>& noise, std::optional<int64_t> seed, bool stochastic) {
+  check_flow_euler_step_args(sample, velocity, sigma, sigma_next, noise, seed, stochastic);
+  at::Tensor out = empty_output(sample);
+  flow_euler_step_into(sample, velocity, sigma, sigma_value, sigma_next, sigma_next_value, noise, seed, stochastic,
+                       out);
+  return out;
+}
+
+at::Tensor& flow_euler_step_out(const at::Tensor& sample, const at::Tensor& velocity,
+                                const std::optional<at::Tensor>& sigma, double sigma_value,
+                                const std::optional<at::Tensor>& sigma_next, double sigma_next_value,
+                                const std::optional<at::Tensor>& noise, std::optional<int64_t> seed, bool stochastic,
+                                at::Tensor& out) {
+  check_flow_euler_step_args(sample, velocity, sigma, sigma_next, noise, seed, stochastic);
+  check_flow_euler_step_out(sample, velocity, sigma, sigma_next, noise, out);
+  flow_euler_step_into(sample, velocity, sigma, sigma_value, sigma_next, sigma_next_value, noise, seed, stochastic,
+                       out);
+  return out;
+}
+
+void flow_heun_step_into(const at::Tensor& sample, const at::Tensor& velocity, const at::Tensor& velocity_next,
+                         const std::optional<at::Tensor>& sigma, double sigma_value,
+                         const std::optional<at::Tensor>& sigma_next, double sigma_next_value, at::Tensor& out) {
   const Contiguous x = sample.expect_contiguous();
   const Contiguous v = velocity.expect_contiguous();
   const Contiguous v_next = velocity_next.expect_contiguous();
   at::Tensor sigma_values, sigma_next_values;
   const ScheduleValue level = schedule_value(sigma, sigma_value, sigma_values);
   const ScheduleValue level_next = schedule_value(sigma_next, sigma_next_value, sigma_next_values);
-  return affine_step<3>({&*x, &*v, &*v_next}, at::Tensor(), std::nullopt, false,
-                        [&](int64_t sample_index) {
-                          const float half_step = (level_next.at(sample_index) - level.at(sample_index)) * 0.5f;
-                          return std::array<float, 4>{1.0f, half_step, half_step, 0.0f};  // x + h (v1 + v2)
-                        });
+  affine_step<3>({&*x, &*v, &*v_next}, at::Tensor(), std::nullopt, false,
+                 [&](int64_t sample_index) {
+                   const float half_step = (level_next.at(sample_index) - level.at(sample_index)) * 0.5f;
+                   return std::array<float, 4>{1.0f, half_step, half_step, 0.0f};  // x + h (v1 + v2)
+                 }, out);
 }
 
-at::Tensor renoise(const at::Tensor& sample, const std::optional<at::Tensor>& level_from, double level_from_value,
-                   const std::optional<at::Tensor>& level_to, double level_to_value, int64_t schedule,
-                   const std::optional<at::Tensor>& noise, std::optional<int64_t> seed) {
-  check_renoise_args(sample, level_from, level_to, schedule, noise, seed);
+at::Tensor flow_heun_step(const at::Tensor& sample, const at::Tensor& velocity, const at::Tensor& velocity_next,
+                          const std::optional<at::Tensor>& sigma, double sigma_value,
+                          const std::optional<at::Tensor>& sigma_next, double sigma_next_value) {
+  check_flow_heun_step_args(sample, velocity, velocity_next, sigma, sigma_next);
+  at::Tensor out = empty_output(sample);
+  flow_heun_step_into(sample, velocity, velocity_next, sigma, sigma_value, sigma_next, sigma_next_value, out);
+  return out;
+}
+
+at::Tensor& flow_heun_step_out(const at::Tensor& sample, const at::Tensor& velocity, const at::Tensor& velocity_next,
+                               const std::optional<at::Tensor>& sigma, double sigma_value,
+                               const std::optional<at::Tensor>& sigma_next, double sigma_next_value,
+                               at::Tensor& out) {
+  check_flow_heun_step_args(sample, velocity, velocity_next, sigma, sigma_next);
+  check_flow_heun_step_out(sample, velocity, velocity_next, sigma, sigma_next, out);
+  flow_heun_step_into(sample, velocity, velocity_next, sigma, sigma_value, sigma_next, sigma_next_value, out);
+  return out;
+}
+
+void renoise_into(const at::Tensor& sample, const std::optional<at::Tensor>& level_from, double level_from_value,
+                  const std::optional<at::Tensor>& level_to, double level_to_value, int64_t schedule,
+                  const std::optional<at::Tensor>& noise, std::optional<int64_t> seed, at::Tensor& out) {
   const Contiguous x = sample.expect_contiguous();
   const Contiguous z = contiguous_noise(noise, true);
   at::Tensor level_from_values, level_to_values;
   const ScheduleValue start = schedule_value(level_from, level_from_value, level_from_values);
   const ScheduleValue end = schedule_value(level_to, level_to_value, level_to_values);
-  return affine_step<1>({&*x}, *z, seed, true, [&](int64_t sample_index) {
+  affine_step<1>({&*x}, *z, seed, true, [&](int64_t sample_index) {
     const float from = start.at(sample_index);
     const float to = end.at(sample_index);
     if (schedule == 0) {  // vp: levels are alpha_prod
@@ -214,7 +285,25 @@ at::Tensor renoise(const at::Tensor& sample, const std::optional<at::Tensor>& le
     // flow: levels are sigmas
     const float scale = (1.0f - to) / (1.0f - from);
     return std::array<float, 2>{scale, std::sqrt(std::max(to * to - scale * scale * from * from, 0.0f))};
-  });
+  }, out);
+}
+
+at::Tensor renoise(const at::Tensor& sample, const std::optional<at::Tensor>& level_from, double level_from_value,
+                   const std::optional<at::Tensor>& level_to, double level_to_value, int64_t schedule,
+                   const std::optional<at::Tensor>& noise, std::optional<int64_t> seed) {
+  check_renoise_args(sample, level_from, level_to, schedule, noise, seed);
+  at::Tensor out = empty_output(sample);
+  renoise_into(sample, level_from, level_from_value, level_to, level_to_value, schedule, noise, seed, out);
+  return out;
+}
+
+at::Tensor& renoise_out(const at::Tensor& sample, const std::optional<at::Tensor>& level_from, double level_from_value,
+                        const std::optional<at::Tensor>& level_to, double level_to_value, int64_t schedule,
+                        const std::optional<at::Tensor>& noise, std::optional<int64_t> seed, at::Tensor& out) {
+  check_renoise_args(sample, level_from, level_to, schedule, noise, seed);
+  check_renoise_out(sample, level_from, level_to, noise, out);
+  renoise_into(sample, level_from, level_from_value, level_to, level_to_value, schedule, noise, seed, out);
+  return out;
 }
 
 }  // namespace
@@ -225,4 +314,8 @@ TORCH_LIBRARY_IMPL(fastsearch, CPU, m) {
   m.impl("flow_euler_step", &fastsearch::cpu::flow_euler_step);
   m.impl("flow_heun_step", &fastsearch::cpu::flow_heun_step);
   m.impl("renoise", &fastsearch::cpu::renoise);
+  m.impl("ddim_step.out", &fastsearch::cpu::ddim_step_out);
+  m.impl("flow_euler_step.out", &fastsearch::cpu::flow_euler_step_out);
+  m.impl("flow_heun_step.out", &fastsearch::cpu::flow_heun_step_out);
+  m.impl("renoise.out", &fastsearch::cpu::renoise_out);
 }

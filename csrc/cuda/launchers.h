@@ -31,6 +31,9 @@ constexpr NoiseSource kNoNoise{nullptr, -1};
 
 // Steps over `numel` elements; sample b owns elements [b per_sample, (b + 1) per_sample).
 // The noise is read only where the op's formula has a noise term (eta > 0, stochastic Euler).
+// An output may be the very array of an input or of the noise (an in-place step: one thread reads every
+// input element before it writes the same output element); it must not overlap one otherwise, nor the
+// schedule values, nor the other output.
 void launch_ddim_step(DType dtype, const void* sample, const void* model_output, ScheduleValue alpha_prod_t,
                       ScheduleValue alpha_prod_t_prev, float eta, NoiseSource noise, PredictionType prediction_type,
                       bool clip_sample, float clip_sample_range, bool use_clipped_model_output, void* prev_sample,

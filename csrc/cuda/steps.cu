@@ -4,6 +4,11 @@
 // sample's schedule values into per-sample coefficients (once per sample a thread meets, not once per
 // element) and how to combine one element's inputs and noise. Loads and stores are 128-bit where every
 // pointer is 16-byte aligned; the math is fp32 whatever the storage type.
+//
+// Outputs may alias inputs element for element (the `.out` overloads' in-place steps): a thread loads a
+// unit of every input (and of the noise) before it stores that unit of the outputs, and no two threads share
+// a unit, so no element is read after it was written. (The `__restrict__` of load_unit and store_unit
+// promises only that each call, which touches one array, sees it through that pointer alone.)
 #include "cuda/device_common.cuh"
 
 namespace fastsearch::gpu {

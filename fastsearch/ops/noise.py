@@ -160,8 +160,8 @@ ZO_NEIGHBORS = Op("zo_neighbors", _zo_neighbors_triton, _check_zo_neighbors, _zo
 # -- public functions ----------------------------------------------------------------------------------
 
 
-def randn(shape, *, seed: int, offset: int = 0, device=None, dtype: torch.dtype = torch.float32,
-          backend: str = "auto") -> torch.Tensor:
+def randn(shape, *, seed: int, offset: int = 0, device=None, dtype: torch.dtype | None = None,
+          out: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
     """Standard normal samples from fastsearch's counter-based Philox stream.
 
     The same ``(seed, offset)`` gives the same numbers (to 1e-5) on every backend and device, and they
@@ -172,11 +172,13 @@ def randn(shape, *, seed: int, offset: int = 0, device=None, dtype: torch.dtype 
         shape: output shape (a sequence of ints or ``torch.Size``).
         seed: int in [0, 2**63): the stream's key.
         offset: index of the first normal in the stream (element ``i`` is normal ``offset + i``).
-        device, dtype: of the output (float32, float16 or bfloat16).
+        device, dtype: of the output (float32, float16 or bfloat16; float32 by default).
+        out: optional contiguous tensor of ``shape`` to fill instead of allocating (``device`` and ``dtype``,
+            when given, must be its own).
         backend: ``"auto"``, ``"torch"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
 
     Returns:
-        Tensor of ``shape``.
+        Tensor of ``shape`` (``out`` when given).
 
     Example:
         >>> a = fastsearch.randn((2, 3), seed=7)
@@ -187,11 +189,29 @@ def randn(shape, *, seed: int, offset: int = 0, device=None, dtype: torch.dtype 
     seed = check_seed(seed)
     if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
         raise ValueError(f"offset must be a non-negative int, got {offset!r}")
-    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
-    out = torch.empty(shape, dtype=dtype, device=device)
+    if out is None:
+        dtype = torch.float32 if dtype is None else dtype
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+        out = torch.empty(shape, dtype=dtype, device=device)
+    else:
+        _check_randn_out(out, shape, device, dtype)
     RANDN_FILL.run(backend, out.device, out, seed, offset)
     return out
+
+
+def _check_randn_out(out, shape, device, dtype) -> None:
+    """``out`` of randn must agree with the shape, device and dtype asked for; randn_fill_ checks the rest."""
+    tensor_arg("out", out)
+    expected = torch.Size([shape] if isinstance(shape, int) else shape)
+    if out.shape != expected:
+        raise ValueError(f"out has shape {list(out.shape)} but shape is {list(expected)}")
+    if dtype is not None and out.dtype != dtype:
+        raise TypeError(f"out has dtype {out.dtype} but dtype is {dtype}")
+    if device is not None:
+        device = torch.device(device)
+        if device.type != out.device.type or device.index not in (None, out.device.index):
+            raise ValueError(f"out is on {out.device} but device is {device}")
 
 
 def zo_neighbors(pivot: torch.Tensor, num_neighbors: int, *, cos_sim: float = 0.95, seed: int,
