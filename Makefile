@@ -38,14 +38,26 @@ demo: install
 	$(VENV)/bin/fastsearch info
 	$(VENV)/bin/fastsearch demo --out demo-output
 
-# Every CUDA source must compile for $(CUDA_ARCH), GPU or not; the .cu files include no torch header.
-cuda-check:
+# Every CUDA source must compile for $(CUDA_ARCH), GPU or not: the .cu files with nvcc (they include no torch
+# header), and the torch bindings (*_binding.cpp) with the host compiler against the installed torch's headers,
+# syntax only (a CPU torch ships the c10/cuda headers but not the build-generated cuda_cmake_macros.h, which an
+# empty stand-in replaces; nothing is linked).
+cuda-check: $(STAMP)
 	@if [ -z "$(NVCC)" ]; then echo "cuda-check: nvcc not found, CUDA sources not compiled"; exit 0; fi; \
 	tmp=$$(mktemp -d); status=0; \
 	for f in csrc/cuda/*.cu; do \
 		[ -e "$$f" ] || continue; \
 		echo "nvcc -arch=$(CUDA_ARCH) $$f"; \
 		$(NVCC) -std=c++17 -O3 -arch=$(CUDA_ARCH) -Icsrc -c "$$f" -o "$$tmp/$$(basename $$f).o" || status=1; \
+	done; \
+	mkdir -p "$$tmp/stub/c10/cuda/impl" && echo '#pragma once' > "$$tmp/stub/c10/cuda/impl/cuda_cmake_macros.h"; \
+	incs=$$($(PY) -c "import sysconfig; from torch.utils.cpp_extension import include_paths; \
+		print(' '.join('-I' + p for p in include_paths() + [sysconfig.get_paths()['include']]))"); \
+	cuda_inc=$$($(NVCC) --dryrun -x cu -c /dev/null 2>&1 | sed -n 's/.*INCLUDES="*\(-I[^" ]*\).*/\1/p' | head -1); \
+	for f in csrc/cuda/*_binding.cpp; do \
+		[ -e "$$f" ] || continue; \
+		echo "$(CXX) -fsyntax-only $$f"; \
+		$(CXX) -std=c++20 -fsyntax-only -Wall -Werror -Icsrc -I"$$tmp/stub" $$incs $$cuda_inc "$$f" || status=1; \
 	done; rm -rf "$$tmp"; exit $$status
 
 # The tests run as `python -m pytest` from the repository root on purpose: the root is then on sys.path,

@@ -10,6 +10,8 @@
 #pragma once
 
 #include <cstdint>
+#include <initializer_list>
+#include <optional>
 #include <utility>
 
 #include "common/checks.h"
@@ -46,17 +48,34 @@ inline void check_out_input_overlap(const at::Tensor& out, const char* out_name,
                     " itself (an in-place step) or memory of its own");
 }
 
-inline void check_out_input_overlap(const at::Tensor& out, const char* out_name,
-                                    const std::optional<at::Tensor>& input, const char* input_name) {
-  if (input.has_value()) check_out_input_overlap(out, out_name, *input, input_name);
+// `schedule` holds per-sample values, read for every element of their sample.
+inline void check_out_schedule_overlap(const at::Tensor& out, const char* out_name, const at::Tensor& schedule,
+                                       const char* schedule_name) {
+  if (!schedule.is_contiguous()) return;  // copied before the kernel reads it
+  TORCH_CHECK_VALUE(contiguous_overlap(out, schedule) == Overlap::kNone, out_name, " overlaps ",
+                    schedule_name, ", which the step reads for every element of a sample");
 }
 
-// `schedule` holds per-sample values, read for every element of their sample.
-inline void check_out_schedule_overlap(const at::Tensor& out, const char* out_name,
-                                       const std::optional<at::Tensor>& schedule, const char* schedule_name) {
-  if (!schedule.has_value() || !schedule->is_contiguous()) return;  // copied before the kernel reads it
-  TORCH_CHECK_VALUE(contiguous_overlap(out, *schedule) == Overlap::kNone, out_name, " overlaps ",
-                    schedule_name, ", which the step reads for every element of a sample");
+// An optional input by name, for the lists below.
+struct NamedInput {
+  const at::Tensor* tensor;  // null: not given
+  const char* name;
+  NamedInput(const at::Tensor& t, const char* n) : tensor(&t), name(n) {}
+  NamedInput(const std::optional<at::Tensor>& t, const char* n) : tensor(t.has_value() ? &*t : nullptr), name(n) {}
+};
+
+// Every rule above for one output: like `sample`, no partial overlap with the element-wise `inputs` (the
+// sample among them), none at all with the per-sample `schedules`.
+inline void check_step_out(const at::Tensor& out, const char* out_name, const at::Tensor& sample,
+                           std::initializer_list<NamedInput> inputs, std::initializer_list<NamedInput> schedules) {
+  check_out(out, sample, out_name);
+  check_out_input_overlap(out, out_name, sample, "sample");
+  for (const NamedInput& input : inputs) {
+    if (input.tensor != nullptr) check_out_input_overlap(out, out_name, *input.tensor, input.name);
+  }
+  for (const NamedInput& schedule : schedules) {
+    if (schedule.tensor != nullptr) check_out_schedule_overlap(out, out_name, *schedule.tensor, schedule.name);
+  }
 }
 
 inline void check_ddim_step_out(const at::Tensor& sample, const at::Tensor& model_output,
@@ -66,50 +85,33 @@ inline void check_ddim_step_out(const at::Tensor& sample, const at::Tensor& mode
                                 const at::Tensor& pred_original_sample) {
   constexpr const char* kPrev = "out[0] (prev_sample)";
   constexpr const char* kX0 = "out[1] (pred_original_sample)";
-  check_out(prev_sample, sample, kPrev);
-  check_out(pred_original_sample, sample, kX0);
+  for (const auto& [out, out_name] : {std::pair{&prev_sample, kPrev}, std::pair{&pred_original_sample, kX0}}) {
+    check_step_out(*out, out_name, sample, {{model_output, "model_output"}, {noise, "noise"}},
+                   {{alpha_prod_t, "alpha_prod_t"}, {alpha_prod_t_prev, "alpha_prod_t_prev"}});
+  }
   TORCH_CHECK_VALUE(contiguous_overlap(prev_sample, pred_original_sample) == Overlap::kNone, kPrev,
                     " and ", kX0, " must not overlap");
-  for (const auto& [out, out_name] : {std::pair{&prev_sample, kPrev}, std::pair{&pred_original_sample, kX0}}) {
-    check_out_input_overlap(*out, out_name, sample, "sample");
-    check_out_input_overlap(*out, out_name, model_output, "model_output");
-    check_out_input_overlap(*out, out_name, noise, "noise");
-    check_out_schedule_overlap(*out, out_name, alpha_prod_t, "alpha_prod_t");
-    check_out_schedule_overlap(*out, out_name, alpha_prod_t_prev, "alpha_prod_t_prev");
-  }
 }
 
 inline void check_flow_euler_step_out(const at::Tensor& sample, const at::Tensor& velocity,
                                       const std::optional<at::Tensor>& sigma,
                                       const std::optional<at::Tensor>& sigma_next,
                                       const std::optional<at::Tensor>& noise, const at::Tensor& out) {
-  check_out(out, sample, "out");
-  check_out_input_overlap(out, "out", sample, "sample");
-  check_out_input_overlap(out, "out", velocity, "velocity");
-  check_out_input_overlap(out, "out", noise, "noise");
-  check_out_schedule_overlap(out, "out", sigma, "sigma");
-  check_out_schedule_overlap(out, "out", sigma_next, "sigma_next");
+  check_step_out(out, "out", sample, {{velocity, "velocity"}, {noise, "noise"}},
+                 {{sigma, "sigma"}, {sigma_next, "sigma_next"}});
 }
 
 inline void check_flow_heun_step_out(const at::Tensor& sample, const at::Tensor& velocity,
                                      const at::Tensor& velocity_next, const std::optional<at::Tensor>& sigma,
                                      const std::optional<at::Tensor>& sigma_next, const at::Tensor& out) {
-  check_out(out, sample, "out");
-  check_out_input_overlap(out, "out", sample, "sample");
-  check_out_input_overlap(out, "out", velocity, "velocity");
-  check_out_input_overlap(out, "out", velocity_next, "velocity_next");
-  check_out_schedule_overlap(out, "out", sigma, "sigma");
-  check_out_schedule_overlap(out, "out", sigma_next, "sigma_next");
+  check_step_out(out, "out", sample, {{velocity, "velocity"}, {velocity_next, "velocity_next"}},
+                 {{sigma, "sigma"}, {sigma_next, "sigma_next"}});
 }
 
 inline void check_renoise_out(const at::Tensor& sample, const std::optional<at::Tensor>& level_from,
                               const std::optional<at::Tensor>& level_to, const std::optional<at::Tensor>& noise,
                               const at::Tensor& out) {
-  check_out(out, sample, "out");
-  check_out_input_overlap(out, "out", sample, "sample");
-  check_out_input_overlap(out, "out", noise, "noise");
-  check_out_schedule_overlap(out, "out", level_from, "level_from");
-  check_out_schedule_overlap(out, "out", level_to, "level_to");
+  check_step_out(out, "out", sample, {{noise, "noise"}}, {{level_from, "level_from"}, {level_to, "level_to"}});
 }
 
 }  // namespace fastsearch

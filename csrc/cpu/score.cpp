@@ -9,7 +9,6 @@
 // on the thread count. Sums over steps and group members run in fp64, rounded once to fp32.
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch_v2.h>
-#include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
 #include <c10/util/bit_cast.h>
 #include <torch/library.h>
@@ -24,6 +23,7 @@
 #include <vector>
 
 #include "common/score_checks.h"
+#include "cpu/tensor_args.h"
 #include "cpu/vec_stream.h"
 
 namespace fastsearch::cpu {
@@ -46,14 +46,7 @@ constexpr double kGrainNanoseconds = 20000.0;
 // About what a step score costs (chunk sums and a softmax over a few logits), in nanoseconds on one core.
 constexpr double kStepScoreNanoseconds = 10.0;
 
-// Borrowed views where the inputs are already contiguous (the usual case): no dispatcher round trip.
-using Contiguous = c10::MaybeOwned<at::Tensor>;
-
-Contiguous contiguous_or_none(const std::optional<at::Tensor>& tensor) {
-  return tensor.has_value() ? tensor->expect_contiguous() : Contiguous::owned(std::in_place);
-}
-
-at::Tensor empty_float(int64_t size) { return at::detail::empty_cpu({size}, at::kFloat); }
+at::Tensor empty_float(int64_t size) { return empty_output({size}, at::kFloat); }
 
 float sum_lanes(const FloatVec& values) {
   return at::vec::vec_reduce_all<float>([](const FloatVec& a, const FloatVec& b) { return a + b; }, values);

@@ -2,8 +2,8 @@
 // csrc/README.md. Each step is one pass: per-sample coefficients in fp32, then an affine combination of
 // the inputs (and the noise) per element, with the noise drawn in-kernel when given a seed.
 //
-// Every op has an allocating form and a `.out` form that writes into the caller's tensors; both run the
-// same writer. An output may be an input itself (common/out_checks.h): map_blocks loads a block of every
+// Every op has an allocating form and a `.out` form that writes into the caller's tensors (both in
+// common/step_entries.h); both run the writer here. An output may be an input itself (common/out_checks.h): map_blocks loads a block of every
 // input before it stores that block of the outputs, and each block belongs to one thread.
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch_v2.h>
@@ -19,6 +19,7 @@
 
 #include "common/op_checks.h"
 #include "common/out_checks.h"
+#include "common/step_entries.h"
 #include "cpu/vec_stream.h"
 
 namespace fastsearch::cpu {
@@ -127,38 +128,6 @@ void ddim_step_into(const at::Tensor& sample, const at::Tensor& model_output,
   }), at::kFloat, at::kHalf, at::kBFloat16);
 }
 
-std::tuple<at::Tensor, at::Tensor> ddim_step(const at::Tensor& sample, const at::Tensor& model_output,
-                                             const std::optional<at::Tensor>& alpha_prod_t, double alpha_prod_t_value,
-                                             const std::optional<at::Tensor>& alpha_prod_t_prev,
-                                             double alpha_prod_t_prev_value, double eta,
-                                             const std::optional<at::Tensor>& noise, std::optional<int64_t> seed,
-                                             int64_t prediction_type, std::optional<double> clip_sample_range,
-                                             bool use_clipped_model_output) {
-  check_ddim_step_args(sample, model_output, alpha_prod_t, alpha_prod_t_prev, eta, noise, seed, prediction_type,
-                       clip_sample_range);
-  at::Tensor prev = empty_output(sample);
-  at::Tensor x0 = empty_output(sample);
-  ddim_step_into(sample, model_output, alpha_prod_t, alpha_prod_t_value, alpha_prod_t_prev, alpha_prod_t_prev_value,
-                 eta, noise, seed, prediction_type, clip_sample_range, use_clipped_model_output, prev, x0);
-  return {prev, x0};
-}
-
-std::tuple<at::Tensor&, at::Tensor&> ddim_step_out(
-    const at::Tensor& sample, const at::Tensor& model_output, const std::optional<at::Tensor>& alpha_prod_t,
-    double alpha_prod_t_value, const std::optional<at::Tensor>& alpha_prod_t_prev, double alpha_prod_t_prev_value,
-    double eta, const std::optional<at::Tensor>& noise, std::optional<int64_t> seed, int64_t prediction_type,
-    std::optional<double> clip_sample_range, bool use_clipped_model_output, at::Tensor& prev_sample,
-    at::Tensor& pred_original_sample) {
-  check_ddim_step_args(sample, model_output, alpha_prod_t, alpha_prod_t_prev, eta, noise, seed, prediction_type,
-                       clip_sample_range);
-  check_ddim_step_out(sample, model_output, alpha_prod_t, alpha_prod_t_prev, noise, prev_sample,
-                      pred_original_sample);
-  ddim_step_into(sample, model_output, alpha_prod_t, alpha_prod_t_value, alpha_prod_t_prev, alpha_prod_t_prev_value,
-                 eta, noise, seed, prediction_type, clip_sample_range, use_clipped_model_output, prev_sample,
-                 pred_original_sample);
-  return {prev_sample, pred_original_sample};
-}
-
 // out = sum_k w_k inputs[k] + w_z z per element, with (w_0, ..., w_z) = weights(sample) per sample: the
 // shape of every step but DDIM. inputs[0] is the sample; `noise` is contiguous or undefined; `out` is
 // contiguous, like the sample.
@@ -210,28 +179,6 @@ void flow_euler_step_into(const at::Tensor& sample, const at::Tensor& velocity,
   }, out);
 }
 
-at::Tensor flow_euler_step(const at::Tensor& sample, const at::Tensor& velocity, const std::optional<at::Tensor>& sigma,
-                           double sigma_value, const std::optional<at::Tensor>& sigma_next, double sigma_next_value,
-                           const std::optional<at::Tensor>& noise, std::optional<int64_t> seed, bool stochastic) {
-  check_flow_euler_step_args(sample, velocity, sigma, sigma_next, noise, seed, stochastic);
-  at::Tensor out = empty_output(sample);
-  flow_euler_step_into(sample, velocity, sigma, sigma_value, sigma_next, sigma_next_value, noise, seed, stochastic,
-                       out);
-  return out;
-}
-
-at::Tensor& flow_euler_step_out(const at::Tensor& sample, const at::Tensor& velocity,
-                                const std::optional<at::Tensor>& sigma, double sigma_value,
-                                const std::optional<at::Tensor>& sigma_next, double sigma_next_value,
-                                const std::optional<at::Tensor>& noise, std::optional<int64_t> seed, bool stochastic,
-                                at::Tensor& out) {
-  check_flow_euler_step_args(sample, velocity, sigma, sigma_next, noise, seed, stochastic);
-  check_flow_euler_step_out(sample, velocity, sigma, sigma_next, noise, out);
-  flow_euler_step_into(sample, velocity, sigma, sigma_value, sigma_next, sigma_next_value, noise, seed, stochastic,
-                       out);
-  return out;
-}
-
 void flow_heun_step_into(const at::Tensor& sample, const at::Tensor& velocity, const at::Tensor& velocity_next,
                          const std::optional<at::Tensor>& sigma, double sigma_value,
                          const std::optional<at::Tensor>& sigma_next, double sigma_next_value, at::Tensor& out) {
@@ -246,25 +193,6 @@ void flow_heun_step_into(const at::Tensor& sample, const at::Tensor& velocity, c
                    const float half_step = (level_next.at(sample_index) - level.at(sample_index)) * 0.5f;
                    return std::array<float, 4>{1.0f, half_step, half_step, 0.0f};  // x + h (v1 + v2)
                  }, out);
-}
-
-at::Tensor flow_heun_step(const at::Tensor& sample, const at::Tensor& velocity, const at::Tensor& velocity_next,
-                          const std::optional<at::Tensor>& sigma, double sigma_value,
-                          const std::optional<at::Tensor>& sigma_next, double sigma_next_value) {
-  check_flow_heun_step_args(sample, velocity, velocity_next, sigma, sigma_next);
-  at::Tensor out = empty_output(sample);
-  flow_heun_step_into(sample, velocity, velocity_next, sigma, sigma_value, sigma_next, sigma_next_value, out);
-  return out;
-}
-
-at::Tensor& flow_heun_step_out(const at::Tensor& sample, const at::Tensor& velocity, const at::Tensor& velocity_next,
-                               const std::optional<at::Tensor>& sigma, double sigma_value,
-                               const std::optional<at::Tensor>& sigma_next, double sigma_next_value,
-                               at::Tensor& out) {
-  check_flow_heun_step_args(sample, velocity, velocity_next, sigma, sigma_next);
-  check_flow_heun_step_out(sample, velocity, velocity_next, sigma, sigma_next, out);
-  flow_heun_step_into(sample, velocity, velocity_next, sigma, sigma_value, sigma_next, sigma_next_value, out);
-  return out;
 }
 
 void renoise_into(const at::Tensor& sample, const std::optional<at::Tensor>& level_from, double level_from_value,
@@ -288,34 +216,16 @@ void renoise_into(const at::Tensor& sample, const std::optional<at::Tensor>& lev
   }, out);
 }
 
-at::Tensor renoise(const at::Tensor& sample, const std::optional<at::Tensor>& level_from, double level_from_value,
-                   const std::optional<at::Tensor>& level_to, double level_to_value, int64_t schedule,
-                   const std::optional<at::Tensor>& noise, std::optional<int64_t> seed) {
-  check_renoise_args(sample, level_from, level_to, schedule, noise, seed);
-  at::Tensor out = empty_output(sample);
-  renoise_into(sample, level_from, level_from_value, level_to, level_to_value, schedule, noise, seed, out);
-  return out;
-}
-
-at::Tensor& renoise_out(const at::Tensor& sample, const std::optional<at::Tensor>& level_from, double level_from_value,
-                        const std::optional<at::Tensor>& level_to, double level_to_value, int64_t schedule,
-                        const std::optional<at::Tensor>& noise, std::optional<int64_t> seed, at::Tensor& out) {
-  check_renoise_args(sample, level_from, level_to, schedule, noise, seed);
-  check_renoise_out(sample, level_from, level_to, noise, out);
-  renoise_into(sample, level_from, level_from_value, level_to, level_to_value, schedule, noise, seed, out);
-  return out;
-}
+// The CPU writers of the step entry points (common/step_entries.h).
+struct Writers {
+  static at::Tensor empty_like(const at::Tensor& sample) { return empty_output(sample); }
+  static constexpr auto ddim_step = &ddim_step_into;
+  static constexpr auto flow_euler_step = &flow_euler_step_into;
+  static constexpr auto flow_heun_step = &flow_heun_step_into;
+  static constexpr auto renoise = &renoise_into;
+};
 
 }  // namespace
 }  // namespace fastsearch::cpu
 
-TORCH_LIBRARY_IMPL(fastsearch, CPU, m) {
-  m.impl("ddim_step", &fastsearch::cpu::ddim_step);
-  m.impl("flow_euler_step", &fastsearch::cpu::flow_euler_step);
-  m.impl("flow_heun_step", &fastsearch::cpu::flow_heun_step);
-  m.impl("renoise", &fastsearch::cpu::renoise);
-  m.impl("ddim_step.out", &fastsearch::cpu::ddim_step_out);
-  m.impl("flow_euler_step.out", &fastsearch::cpu::flow_euler_step_out);
-  m.impl("flow_heun_step.out", &fastsearch::cpu::flow_heun_step_out);
-  m.impl("renoise.out", &fastsearch::cpu::renoise_out);
-}
+TORCH_LIBRARY_IMPL(fastsearch, CPU, m) { fastsearch::StepEntries<fastsearch::cpu::Writers>::register_all(m); }

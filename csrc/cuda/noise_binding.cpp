@@ -1,5 +1,6 @@
 // CUDA implementations of randn_fill_ and zo_neighbors (schemas: fastsearch/ops/noise.py): argument
 // checks, contiguous inputs, outputs and scratch, stream and device, then the launchers of noise.cu.
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>

@@ -14,6 +14,7 @@
 //
 // The hidden states are read in place when their rows are contiguous (any row stride): a PRM reads S of
 // the T rows, so copying all of them would cost more than the op.
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>

@@ -1,6 +1,7 @@
 // CUDA implementations of the selection ops (schemas: fastsearch/ops/select.py): argument checks,
 // contiguous inputs, outputs, stream and device, then the launchers of select.cu. One kernel launch per
 // op; resample then reads back the kernel's data checks (one sync), as csrc/README.md allows.
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
