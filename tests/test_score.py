@@ -341,7 +341,7 @@ def test_prm_errors(device, backend):
 def test_step_offset_errors(device, backend):
     hidden_states, positions, weight, _ = _prm_inputs(10, 8, 4, 2, torch.float32, device)
     steps = torch.rand(4, device=device)
-    with pytest.raises(ValueError, match=r"step_offsets must start at 0 and end at S=4, got 0 ... 5"):
+    with pytest.raises(ValueError, match=r"offsets must start at 0 and end at S=4, got 0 ... 5"):
         fastsearch.prm_scores(hidden_states, positions, weight, offsets=_offsets([2, 3], device), backend=backend)
     with pytest.raises(ValueError, match=r"end at S=4"):
         fastsearch.aggregate_steps(steps, offsets=_offsets([1, 1], device), backend=backend)
@@ -353,7 +353,7 @@ def test_step_offset_errors(device, backend):
         fastsearch.aggregate_steps(steps, offsets=_offsets([2, 2, 0], device), method="mean", backend=backend)
     with pytest.raises(ValueError, match="method must be one of"):
         fastsearch.aggregate_steps(steps, offsets=_offsets([4], device), method="median", backend=backend)
-    with pytest.raises(TypeError, match="step_offsets must be an int64 tensor"):
+    with pytest.raises(TypeError, match="offsets must be an int64 tensor"):
         fastsearch.aggregate_steps(steps, offsets=_offsets([4], device).int(), backend=backend)
     with pytest.raises(ValueError, match=r"step_scores must be \[N, K\]"):
         fastsearch.aggregate_steps(steps.view(2, 1, 2), backend=backend)

@@ -45,7 +45,7 @@ inline void check_same(const char* name, const at::Tensor& tensor, const char* o
 }
 
 inline void check_aggregation(int64_t how) {
-  TORCH_CHECK_VALUE(how >= 0 && how < kNumAggregations, "how must be 0..", kNumAggregations - 1, ", got ", how);
+  TORCH_CHECK_VALUE(how >= 0 && how < kNumAggregations, "method must be 0..", kNumAggregations - 1, ", got ", how);
 }
 
 // The error of a candidate without steps when `empty` is absent (also raised by the CUDA binding).
@@ -61,11 +61,11 @@ inline void check_step_offsets(const at::Tensor& step_offsets, int64_t num_steps
   const int64_t count = bounds.size(0);
   const auto end_value = [&](int64_t i) { return count == 0 ? std::string("None") : std::to_string(bounds[i]); };
   TORCH_CHECK_VALUE(count >= 1 && bounds[0] == 0 && bounds[count - 1] == num_steps,
-                    "step_offsets must start at 0 and end at S=", num_steps, ", got ", end_value(0), " ... ",
+                    "offsets must start at 0 and end at S=", num_steps, ", got ", end_value(0), " ... ",
                     end_value(count - 1));
   int64_t first_empty = -1;
   for (int64_t n = 0; n + 1 < count; ++n) {
-    TORCH_CHECK_VALUE(bounds[n + 1] >= bounds[n], "step_offsets must be non-decreasing");
+    TORCH_CHECK_VALUE(bounds[n + 1] >= bounds[n], "offsets must be non-decreasing");
     if (first_empty < 0 && bounds[n + 1] == bounds[n]) first_empty = n;
   }
   if (!empty.has_value() && first_empty >= 0) report_empty_candidate(first_empty);
@@ -119,15 +119,15 @@ inline void check_aggregate_steps_args(const at::Tensor& step_scores, const std:
   check_scores("step_scores", step_scores);
   check_aggregation(how);
   if (!step_offsets.has_value()) {
-    TORCH_CHECK_VALUE(step_scores.dim() == 2, "step_scores must be [N, K] (or flat [S] with step_offsets), got shape ",
+    TORCH_CHECK_VALUE(step_scores.dim() == 2, "step_scores must be [N, K] (or flat [S] with offsets), got shape ",
                       step_scores.sizes());
     if (!empty.has_value() && step_scores.size(1) == 0 && step_scores.size(0) > 0) report_empty_candidate(0);
     return;
   }
-  check_int64_vector("step_offsets", *step_offsets);
-  TORCH_CHECK_VALUE(step_scores.dim() == 1, "step_scores must be flat [S] when step_offsets are given, got shape ",
+  check_int64_vector("offsets", *step_offsets);
+  TORCH_CHECK_VALUE(step_scores.dim() == 1, "step_scores must be flat [S] when offsets are given, got shape ",
                     step_scores.sizes());
-  TORCH_CHECK_VALUE(step_offsets->device() == step_scores.device(), "step_offsets is on ", step_offsets->device(),
+  TORCH_CHECK_VALUE(step_offsets->device() == step_scores.device(), "offsets is on ", step_offsets->device(),
                     " but step_scores is on ", step_scores.device());
   check_step_offsets(*step_offsets, step_scores.numel(), empty);
 }
@@ -138,8 +138,8 @@ inline void check_prm_scores_args(const at::Tensor& hidden_states, const at::Ten
                                   int64_t activation, int64_t how, std::optional<double> empty) {
   check_prm_step_scores_args(hidden_states, step_positions, head_weight, head_bias, positive_index, activation);
   check_aggregation(how);
-  check_int64_vector("step_offsets", step_offsets);
-  TORCH_CHECK_VALUE(step_offsets.device() == hidden_states.device(), "step_offsets is on ", step_offsets.device(),
+  check_int64_vector("offsets", step_offsets);
+  TORCH_CHECK_VALUE(step_offsets.device() == hidden_states.device(), "offsets is on ", step_offsets.device(),
                     " but hidden_states is on ", hidden_states.device());
   check_step_offsets(step_offsets, step_positions.numel(), empty);
 }
@@ -186,7 +186,7 @@ inline void check_ensemble_scores_args(const at::Tensor& scores, const std::opti
   const int64_t num_verifiers = scores.size(0);
   TORCH_CHECK_VALUE(num_verifiers >= 1, "scores must hold at least one verifier (V >= 1)");
   if (offsets.has_value()) check_groups("scores", scores.select(0, 0), offsets);
-  TORCH_CHECK_VALUE(how == 0 || how == 1, "how must be 0 (rank) or 1 (zscore), got ", how);
+  TORCH_CHECK_VALUE(how == 0 || how == 1, "method must be 0 (rank) or 1 (zscore), got ", how);
   if (!weights.has_value()) return;
   TORCH_CHECK_TYPE(weights->scalar_type() == at::kFloat, "weights must be a float32 tensor, got ",
                    python_dtype(weights->scalar_type()));

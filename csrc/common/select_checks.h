@@ -115,7 +115,7 @@ inline void check_vote_args(const at::Tensor& answer_keys, const std::optional<a
   TORCH_CHECK_TYPE(answer_keys.scalar_type() == at::kLong, "answer_keys must be an int64 tensor, got ",
                    python_dtype(answer_keys.scalar_type()));
   check_groups("answer_keys", answer_keys, offsets);
-  TORCH_CHECK_VALUE(mode >= 0 && mode <= 2, "mode must be 0 (majority), 1 (weighted) or 2 (max), got ", mode);
+  TORCH_CHECK_VALUE(mode >= 0 && mode <= 2, "method must be 0 (majority), 1 (weighted) or 2 (max), got ", mode);
   TORCH_CHECK_VALUE(mode == 0 || scores.has_value(), "weighted and max voting need scores");
   if (scores.has_value()) {
     check_scores("scores", *scores);

@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "common/score_checks.h"
+#include "cpu/groups.h"
 #include "cpu/tensor_args.h"
 #include "cpu/vec_stream.h"
 
@@ -39,10 +40,6 @@ constexpr float kNormEps = 1e-12f;
 
 // Columns of a hidden row per work item: 4 KiB of fp32, so that a step of a large H splits into several items.
 constexpr int64_t kHiddenChunk = 1024;
-// Work, in nanoseconds, that each thread of a parallel loop gets at least. A fork-join of at::parallel_for
-// costs 1 to 2 us while the pool's threads spin, and 10 to 20 us once they sleep, as they usually have
-// between the steps of a search (a step waits for the model); below this, one thread does it all.
-constexpr double kGrainNanoseconds = 20000.0;
 // About what a step score costs (chunk sums and a softmax over a few logits), in nanoseconds on one core.
 constexpr double kStepScoreNanoseconds = 10.0;
 
@@ -52,40 +49,11 @@ float sum_lanes(const FloatVec& values) {
   return at::vec::vec_reduce_all<float>([](const FloatVec& a, const FloatVec& b) { return a + b; }, values);
 }
 
-// -- spans: candidates' steps, groups' members -----------------------------------------------------------
+// -- spans: candidates' steps, groups' members (groups.h's Groups) -------------------------------------
 
-// Where each span's elements lie: rows of a dense [N, K] tensor, or CSR offsets into a flat one.
-struct Spans {
-  const int64_t* offsets;  // nullptr for dense rows
-  int64_t count;
-  int64_t dense_size;
-  int64_t total;
-
-  int64_t begin(int64_t span) const { return offsets == nullptr ? span * dense_size : offsets[span]; }
-  int64_t size(int64_t span) const { return offsets == nullptr ? dense_size : offsets[span + 1] - offsets[span]; }
-};
-
-// `offsets` (contiguous) must outlive the spans.
-Spans ragged_spans(const at::Tensor& offsets, int64_t total) {
-  return Spans{offsets.const_data_ptr<int64_t>(), offsets.numel() - 1, 0, total};
-}
-
-// About what a span costs on one core, in nanoseconds: per element, and per span (measured with AVX2).
-struct SpanCost {
-  double per_element;
-  double per_span;
-};
-
-// Calls body(span, begin, size) for every span, in parallel over spans.
-template <typename Body>
-void for_each_span(const Spans& spans, SpanCost cost, const Body& body) {
-  if (spans.count == 0) return;
-  const double mean_size = static_cast<double>(spans.total) / static_cast<double>(spans.count);
-  const double per_span = std::max(cost.per_element * mean_size + cost.per_span, 1.0);
-  const int64_t grain = std::max<int64_t>(1, static_cast<int64_t>(kGrainNanoseconds / per_span));
-  at::parallel_for(0, spans.count, grain, [&](int64_t first, int64_t last) {
-    for (int64_t span = first; span < last; ++span) body(span, spans.begin(span), spans.size(span));
-  });
+// The spans of CSR `offsets` (contiguous), which must outlive them.
+Groups ragged_spans(const at::Tensor& offsets, int64_t total) {
+  return Groups{offsets.const_data_ptr<int64_t>(), offsets.numel() - 1, 0, total};
 }
 
 // -- aggregation -----------------------------------------------------------------------------------------
@@ -159,7 +127,7 @@ float aggregate(const scalar_t* x, int64_t size, int64_t how, float empty) {
 
 // About what aggregate costs per step and per candidate: logit_sum takes a log and a log1p per step, on
 // whole vectors; the others a compare or an add.
-SpanCost aggregation_cost(int64_t how) { return how == 5 ? SpanCost{3.0, 50.0} : SpanCost{0.5, 3.0}; }
+GroupCost aggregation_cost(int64_t how) { return how == 5 ? GroupCost{3.0, 50.0} : GroupCost{0.5, 3.0}; }
 
 // -- PRM head --------------------------------------------------------------------------------------------
 
@@ -350,16 +318,16 @@ std::tuple<at::Tensor, at::Tensor> prm_scores(const at::Tensor& hidden_states, c
   const StepLogits logits = prm_logits(hidden_states, step_positions, head, positive_index, activation,
                                        partial_storage);
   const Contiguous offsets = step_offsets.expect_contiguous();
-  const Spans candidates = ragged_spans(*offsets, step_positions.numel());
+  const Groups candidates = ragged_spans(*offsets, step_positions.numel());
   at::Tensor step_scores = empty_float(candidates.total);
   at::Tensor candidate_scores = empty_float(candidates.count);
   float* steps_out = step_scores.mutable_data_ptr<float>();
   float* candidates_out = candidate_scores.mutable_data_ptr<float>();
   const float empty_score = empty.has_value() ? static_cast<float>(*empty) : kNaN;
   // Each candidate finishes its own steps, then aggregates them while they are in cache.
-  const SpanCost aggregation = aggregation_cost(how);
-  const SpanCost cost{kStepScoreNanoseconds + aggregation.per_element, aggregation.per_span};
-  for_each_span(candidates, cost, [&](int64_t candidate, int64_t begin, int64_t size) {
+  const GroupCost aggregation = aggregation_cost(how);
+  const GroupCost cost{kStepScoreNanoseconds + aggregation.per_candidate, aggregation.per_group};
+  for_each_group(candidates, cost, [&](int64_t candidate, int64_t begin, int64_t size) {
     for (int64_t step = begin; step < begin + size; ++step) steps_out[step] = step_score(head, logits, step);
     candidates_out[candidate] = aggregate(steps_out + begin, size, how, empty_score);
   });
@@ -373,14 +341,14 @@ at::Tensor aggregate_steps(const at::Tensor& step_scores, const std::optional<at
   check_aggregate_steps_args(step_scores, step_offsets, how, empty);
   const Contiguous scores = step_scores.expect_contiguous();
   const Contiguous offsets = contiguous_or_none(step_offsets);
-  const Spans candidates = offsets->defined() ? ragged_spans(*offsets, scores->numel())
-                                              : Spans{nullptr, scores->size(0), scores->size(1), scores->numel()};
+  const Groups candidates = offsets->defined() ? ragged_spans(*offsets, scores->numel())
+                                              : Groups{nullptr, scores->size(0), scores->size(1), scores->numel()};
   at::Tensor out = empty_float(candidates.count);
   float* out_data = out.mutable_data_ptr<float>();
   const float empty_score = empty.has_value() ? static_cast<float>(*empty) : kNaN;
   AT_DISPATCH_V2(scores->scalar_type(), "aggregate_steps", AT_WRAP([&] {
     const scalar_t* data = scores->const_data_ptr<scalar_t>();
-    for_each_span(candidates, aggregation_cost(how), [&](int64_t candidate, int64_t begin, int64_t size) {
+    for_each_group(candidates, aggregation_cost(how), [&](int64_t candidate, int64_t begin, int64_t size) {
       out_data[candidate] = aggregate(data + begin, size, how, empty_score);
     });
   }), at::kFloat, at::kDouble, at::kHalf, at::kBFloat16);
@@ -431,10 +399,10 @@ at::Tensor cosine_scores(const at::Tensor& embeddings, const at::Tensor& referen
     const scalar_t* row_data = rows->const_data_ptr<scalar_t>();
     const scalar_t* ref_data = refs->const_data_ptr<scalar_t>();
     if (bounds->defined()) {
-      const Spans groups = ragged_spans(*bounds, num);
+      const Groups groups = ragged_spans(*bounds, num);
       // A row costs three fused multiply-adds per column.
-      const SpanCost cost{0.15 * static_cast<double>(dim) + 5.0, 10.0};
-      for_each_span(groups, cost, [&](int64_t group, int64_t begin, int64_t size) {
+      const GroupCost cost{0.15 * static_cast<double>(dim) + 5.0, 10.0};
+      for_each_group(groups, cost, [&](int64_t group, int64_t begin, int64_t size) {
         for (int64_t n = begin; n < begin + size; ++n) {
           out_data[n] = cosine(row_data + n * dim, ref_data + group * dim, dim);
         }
@@ -472,7 +440,7 @@ constexpr int64_t kMaxRankedGroup = int64_t{1} << 32;
 
 // Mean ranks of x[0, size): 1 + (members below) + (members equal - 1) / 2, NaN below every number.
 void mean_ranks(const float* x, int64_t size, EnsembleScratch& s, float* ranks) {
-  TORCH_CHECK_VALUE(size < kMaxRankedGroup, "how='rank' needs groups of fewer than 2^32 candidates, got ", size);
+  TORCH_CHECK_VALUE(size < kMaxRankedGroup, "method='rank' needs groups of fewer than 2^32 candidates, got ", size);
   if (static_cast<int64_t>(s.codes.size()) < size) s.codes.resize(size);
   uint64_t* codes = s.codes.data();
   for (int64_t i = 0; i < size; ++i) {
@@ -528,7 +496,7 @@ at::Tensor ensemble_scores(const at::Tensor& scores, const std::optional<at::Ten
   const Contiguous bounds = contiguous_or_none(offsets);
   const int64_t num_verifiers = values->size(0);
   const int64_t num = values->size(1);
-  const Spans groups = bounds->defined() ? ragged_spans(*bounds, num) : Spans{nullptr, 1, num, num};
+  const Groups groups = bounds->defined() ? ragged_spans(*bounds, num) : Groups{nullptr, 1, num, num};
   // Weights as fp32; verifiers of weight 0 are left out, the others' weights summed in order.
   std::vector<float> verifier_weights(num_verifiers, 1.0f);
   if (weights.has_value()) {
@@ -543,8 +511,8 @@ at::Tensor ensemble_scores(const at::Tensor& scores, const std::optional<at::Ten
   AT_DISPATCH_V2(values->scalar_type(), "ensemble_scores", AT_WRAP([&] {
     const scalar_t* data = values->const_data_ptr<scalar_t>();
     // A member costs, per verifier, its share of a sort (rank) or of three passes (zscore).
-    const SpanCost cost{static_cast<double>(num_verifiers) * (how == 0 ? 25.0 : 4.0), 50.0};
-    for_each_span(groups, cost, [&](int64_t, int64_t begin, int64_t size) {
+    const GroupCost cost{static_cast<double>(num_verifiers) * (how == 0 ? 25.0 : 4.0), 50.0};
+    for_each_group(groups, cost, [&](int64_t, int64_t begin, int64_t size) {
       thread_local EnsembleScratch s;
       if (static_cast<int64_t>(s.values.size()) < size) {
         s.values.resize(size);

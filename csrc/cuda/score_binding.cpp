@@ -39,7 +39,7 @@ gpu::ScoreType score_type_of(const at::Tensor& tensor) {
 
 // step_offsets must hold N + 1 >= 1 values; a shape, so checked here on every device.
 void check_offsets_not_empty(const at::Tensor& step_offsets, int64_t steps) {
-  TORCH_CHECK_VALUE(step_offsets.numel() >= 1, "step_offsets must start at 0 and end at S=", steps,
+  TORCH_CHECK_VALUE(step_offsets.numel() >= 1, "offsets must start at 0 and end at S=", steps,
                     ", got None ... None");
 }
 
@@ -56,9 +56,9 @@ void report_status(const at::Tensor& status, bool positions, int64_t tokens, boo
   if (!offsets) return;
   const int64_t first = words[gpu::kFirstOffset];
   const int64_t last = words[gpu::kLastOffset];
-  TORCH_CHECK_VALUE(first == 0 && last == steps, "step_offsets must start at 0 and end at S=", steps, ", got ",
+  TORCH_CHECK_VALUE(first == 0 && last == steps, "offsets must start at 0 and end at S=", steps, ", got ",
                     first, " ... ", last);
-  TORCH_CHECK_VALUE(words[gpu::kDecreasing] == 0, "step_offsets must be non-decreasing");
+  TORCH_CHECK_VALUE(words[gpu::kDecreasing] == 0, "offsets must be non-decreasing");
   const int64_t empty_candidate = gpu::first_empty_candidate(words);
   if (empty_candidate >= 0) report_empty_candidate(empty_candidate);
 }

@@ -45,11 +45,11 @@ class PRMScores(NamedTuple):
 
 lib.define("prm_step_scores(Tensor hidden_states, Tensor step_positions, Tensor head_weight, Tensor? head_bias, "
            "int positive_index, int activation) -> Tensor")
-lib.define("aggregate_steps(Tensor step_scores, Tensor? step_offsets, int how, float? empty) -> Tensor")
-lib.define("prm_scores(Tensor hidden_states, Tensor step_positions, Tensor step_offsets, Tensor head_weight, "
-           "Tensor? head_bias, int positive_index, int activation, int how, float? empty) -> (Tensor, Tensor)")
+lib.define("aggregate_steps(Tensor step_scores, Tensor? offsets, int method, float? empty) -> Tensor")
+lib.define("prm_scores(Tensor hidden_states, Tensor step_positions, Tensor offsets, Tensor head_weight, "
+           "Tensor? head_bias, int positive_index, int activation, int method, float? empty) -> (Tensor, Tensor)")
 lib.define("cosine_scores(Tensor embeddings, Tensor references, Tensor? offsets) -> Tensor")
-lib.define("ensemble_scores(Tensor scores, Tensor? offsets, int how, Tensor? weights) -> Tensor")
+lib.define("ensemble_scores(Tensor scores, Tensor? offsets, int method, Tensor? weights) -> Tensor")
 
 
 # -- references ---------------------------------------------------------------------------------------
@@ -173,10 +173,10 @@ def _check_step_offsets(step_offsets: torch.Tensor, num_steps: int, empty) -> No
     if step_offsets.numel() < 1 or step_offsets[0] != 0 or step_offsets[-1] != num_steps:
         first = step_offsets[0].item() if step_offsets.numel() else None
         last = step_offsets[-1].item() if step_offsets.numel() else None
-        raise ValueError(f"step_offsets must start at 0 and end at S={num_steps}, got {first} ... {last}")
+        raise ValueError(f"offsets must start at 0 and end at S={num_steps}, got {first} ... {last}")
     sizes = step_offsets[1:] - step_offsets[:-1]
     if bool((sizes < 0).any()):
-        raise ValueError("step_offsets must be non-decreasing")
+        raise ValueError("offsets must be non-decreasing")
     if empty is None and bool((sizes == 0).any()):
         candidate = int(torch.nonzero(sizes == 0)[0])
         raise ValueError(f"candidate {candidate} has no steps; pass empty= to give such candidates a score")
@@ -220,20 +220,20 @@ def _check_prm_step_scores(hidden_states, step_positions, head_weight, head_bias
 def _check_aggregate_steps(step_scores, step_offsets, how, empty):
     check_scores("step_scores", step_scores)
     if how not in range(len(AGGREGATIONS)):
-        raise ValueError(f"how must be 0..{len(AGGREGATIONS) - 1}, got {how}")
+        raise ValueError(f"method must be 0..{len(AGGREGATIONS) - 1}, got {how}")
     if step_offsets is None:
         if step_scores.dim() != 2:
-            raise ValueError(f"step_scores must be [N, K] (or flat [S] with step_offsets), got shape "
+            raise ValueError(f"step_scores must be [N, K] (or flat [S] with offsets), got shape "
                              f"{list(step_scores.shape)}")
         if empty is None and step_scores.shape[1] == 0 and step_scores.shape[0] > 0:
             raise ValueError("candidate 0 has no steps; pass empty= to give such candidates a score")
         return
-    _check_int64_vector("step_offsets", step_offsets)
+    _check_int64_vector("offsets", step_offsets)
     if step_scores.dim() != 1:
-        raise ValueError(f"step_scores must be flat [S] when step_offsets are given, got shape "
+        raise ValueError(f"step_scores must be flat [S] when offsets are given, got shape "
                          f"{list(step_scores.shape)}")
     if step_offsets.device != step_scores.device:
-        raise ValueError(f"step_offsets is on {step_offsets.device} but step_scores is on {step_scores.device}")
+        raise ValueError(f"offsets is on {offsets.device} but step_scores is on {step_scores.device}")
     _check_step_offsets(step_offsets, step_scores.numel(), empty)
 
 
@@ -241,10 +241,10 @@ def _check_prm_scores(hidden_states, step_positions, step_offsets, head_weight, 
                       activation, how, empty):
     _check_prm_step_scores(hidden_states, step_positions, head_weight, head_bias, positive_index, activation)
     if how not in range(len(AGGREGATIONS)):
-        raise ValueError(f"how must be 0..{len(AGGREGATIONS) - 1}, got {how}")
-    _check_int64_vector("step_offsets", step_offsets)
+        raise ValueError(f"method must be 0..{len(AGGREGATIONS) - 1}, got {how}")
+    _check_int64_vector("offsets", step_offsets)
     if step_offsets.device != hidden_states.device:
-        raise ValueError(f"step_offsets is on {step_offsets.device} but hidden_states is on {hidden_states.device}")
+        raise ValueError(f"offsets is on {offsets.device} but hidden_states is on {hidden_states.device}")
     _check_step_offsets(step_offsets, step_positions.numel(), empty)
 
 
@@ -279,7 +279,7 @@ def _check_ensemble_scores(scores, offsets, how, weights):
     if offsets is not None:
         check_groups("scores", scores[0], offsets)
     if how not in (0, 1):
-        raise ValueError(f"how must be 0 (rank) or 1 (zscore), got {how}")
+        raise ValueError(f"method must be 0 (rank) or 1 (zscore), got {how}")
     if weights is None:
         return
     if not isinstance(weights, torch.Tensor) or weights.dtype != torch.float32:

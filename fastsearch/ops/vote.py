@@ -14,7 +14,7 @@ from fastsearch.ops.groups import check_groups, check_like_groups, check_scores,
 
 VOTE_MODES = {"majority": 0, "weighted": 1, "max": 2}
 
-lib.define("vote(Tensor answer_keys, Tensor? scores, Tensor? offsets, Tensor? mask, int mode) -> Tensor")
+lib.define("vote(Tensor answer_keys, Tensor? scores, Tensor? offsets, Tensor? mask, int method) -> Tensor")
 lib.define("sequence_keys(Tensor token_ids, Tensor offsets) -> Tensor")
 
 
@@ -104,7 +104,7 @@ def _check_vote(answer_keys, scores, offsets, mask, mode):
         raise TypeError(f"answer_keys must be an int64 tensor, got {getattr(answer_keys, 'dtype', answer_keys)}")
     check_groups("answer_keys", answer_keys, offsets)
     if mode not in (0, 1, 2):
-        raise ValueError(f"mode must be 0 (majority), 1 (weighted) or 2 (max), got {mode}")
+        raise ValueError(f"method must be 0 (majority), 1 (weighted) or 2 (max), got {mode}")
     if mode != 0 and scores is None:
         raise ValueError("weighted and max voting need scores")
     if scores is not None:
