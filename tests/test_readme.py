@@ -27,4 +27,5 @@ def test_the_readme_examples_run_as_written(one_thread):
     assert namespace["sel"].parents.shape == (3, 8) and namespace["ancestors"].shape == (3, 16)
     assert namespace["neighbours"].shape == (8, 4, 4, 16, 16)
     assert namespace["scores"].shape == (3,) and namespace["combined"].shape == (3,)
+    assert namespace["aesthetic"].cost.calls >= 1 and namespace["judge"].cost.images > 0  # the shipped verifiers ran
     assert len(namespace["result"].answers) == 8 and namespace["result"].spent.generator_calls >= 1

@@ -20,6 +20,7 @@ import fastsearch
 from fastsearch.checks import check_optional_int
 from fastsearch.diffusion.options import SearchOptions, ZeroOrderSearch
 from fastsearch.seeding import Stream, derive_seed
+from fastsearch.verifiers.base import VerifierCost, cost_of
 
 
 @dataclass(repr=False)
@@ -37,6 +38,9 @@ class NoiseSearchResult:
         verifier_calls: samples scored by the verifier, over all prompts.
         history: one dict per round (or per scoring step for FK steering); keys per algorithm, in its docstring.
         noise: [P, *shape] the initial noise of each best sample (random / zero-order search), else None.
+        verifier_cost: what the verifier spent during the search (calls, images, seconds), when it reports its
+            cost (the verifiers of :mod:`fastsearch.verifiers`; wrap any other in
+            :class:`~fastsearch.verifiers.Metered`), else None.
     """
 
     sample: torch.Tensor
@@ -47,20 +51,33 @@ class NoiseSearchResult:
     verifier_calls: int
     history: list[dict] = field(default_factory=list)
     noise: torch.Tensor | None = None
+    verifier_cost: VerifierCost | None = None
 
     def __repr__(self) -> str:
+        cost = "" if self.verifier_cost is None else f", verifier_cost={self.verifier_cost}"
         return (f"NoiseSearchResult(sample={list(self.sample.shape)}, scores={list(self.scores.shape)}, "
-                f"nfe={self.nfe}, total_nfe={self.total_nfe}, verifier_calls={self.verifier_calls}, "
+                f"nfe={self.nfe}, total_nfe={self.total_nfe}, verifier_calls={self.verifier_calls}{cost}, "
                 f"history={len(self.history)} entries)")
 
 
 class Tally:
-    """What a search has spent so far: NFEs and verifier calls over all its ``slots``."""
+    """What a search has spent so far: NFEs and verifier calls over all its ``slots``, and the ``verifier``'s own
+    cost since the tally began (when it reports one)."""
 
-    def __init__(self, slots: int | None = None):
+    def __init__(self, slots: int | None = None, verifier=None):
         self.slots = slots
         self.total_nfe = 0
         self.verifier_calls = 0
+        self.verifier = verifier
+        self.verifier_cost_at_start = cost_of(verifier)
+
+    @property
+    def verifier_cost(self) -> VerifierCost | None:
+        """The verifier's cost since the tally began, or None when it reports none."""
+        now = cost_of(self.verifier)
+        if now is None or self.verifier_cost_at_start is None:
+            return None
+        return now - self.verifier_cost_at_start
 
     @property
     def nfe(self) -> int:
@@ -70,7 +87,8 @@ class Tally:
     def result(self, sample: torch.Tensor, score: torch.Tensor, scores: torch.Tensor, history: list[dict],
                noise: torch.Tensor | None = None) -> NoiseSearchResult:
         return NoiseSearchResult(sample=sample, score=score, scores=scores, nfe=self.nfe, total_nfe=self.total_nfe,
-                                 verifier_calls=self.verifier_calls, history=history, noise=noise)
+                                 verifier_calls=self.verifier_calls, history=history, noise=noise,
+                                 verifier_cost=self.verifier_cost)
 
 
 # -- budgets ------------------------------------------------------------------------------------------------------
@@ -91,6 +109,21 @@ def count_within(options: SearchOptions, budget_nfe, cost: int, unit: str) -> in
     if budget < cost:
         raise ValueError(f"budget_nfe={budget} is smaller than one {unit} ({cost} NFEs)")
     return budget // cost
+
+
+def is_groupwise(verifier) -> bool:
+    """True for a verifier whose scores compare the candidates of a group (a rank or z-score
+    :class:`~fastsearch.verifiers.Ensemble`): the searches score a prompt's candidates in one call and pass
+    ``offsets=`` [G + 1] over them."""
+    return getattr(verifier, "groupwise", False) is True
+
+
+def refuse_groupwise(verifier, search: str) -> None:
+    """A groupwise verifier's scores of different calls cannot be compared: searches that compare them refuse it."""
+    if is_groupwise(verifier):
+        raise ValueError(f"verifier ranks candidates within a call ({getattr(verifier, 'method', 'groupwise')!r}), "
+                         f"but {search} compares scores across calls: use an Ensemble with method='mean', or random "
+                         "search, search over paths or FK steering, which score a prompt's candidates together")
 
 
 # -- scores, ranking and row selection --------------------------------------------------------------------------

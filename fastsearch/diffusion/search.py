@@ -50,6 +50,8 @@ from fastsearch.diffusion.core import (
     best_index,
     check_scores,
     count_within,
+    is_groupwise,
+    refuse_groupwise,
     top_rows,
     zero_order_rounds,
 )
@@ -101,7 +103,7 @@ class _Search:
         self.device = torch.device(device)
         self.dtype = dtype
         self.progress = bool(progress)
-        self.tally = Tally(self.num_prompts)
+        self.tally = Tally(self.num_prompts, verifier=self.verifier)
         self.bar = None
 
     def start(self, planned_nfe_per_prompt: int) -> None:
@@ -130,9 +132,21 @@ class _Search:
         return out
 
     def score(self, x0: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
-        """Verifier scores of rows ``x0`` (each with its prompt's conditioning): [R] float32."""
-        scores = call_in_chunks(self.verifier, (x0,), Conditioning(self.cond, self.num_prompts, prompts),
-                                slice(None), self.batch_size,
+        """Verifier scores of rows ``x0`` (each with its prompt's conditioning): [R] float32.
+
+        A groupwise verifier (a rank ensemble) scores all rows in one call, with ``offsets=`` over the runs of
+        rows of one prompt (rows are prompt-major)."""
+        verifier, batch_size = self.verifier, self.batch_size
+        if is_groupwise(verifier):
+            _, counts = torch.unique_consecutive(prompts, return_counts=True)
+            offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+
+            def verifier(*args, **kwargs):
+                return self.verifier(*args, offsets=offsets, **kwargs)
+
+            batch_size = None
+        scores = call_in_chunks(verifier, (x0,), Conditioning(self.cond, self.num_prompts, prompts),
+                                slice(None), batch_size,
                                 lambda output, chunk: check_scores(output, chunk.shape[0], "sample"))
         self.tally.verifier_calls += x0.shape[0]
         return scores
@@ -158,7 +172,11 @@ def random_search(model: Callable, verifier: Callable, sampler: Sampler, shape, 
 
     Args:
         model: the denoiser, ``model(x, level, **cond)``.
-        verifier: ``verifier(x0, **cond) -> [B]`` scores, higher is better.
+        verifier: ``verifier(x0, **cond) -> [B]`` scores, higher is better. One that reports a
+            :class:`~fastsearch.verifiers.VerifierCost` (``.cost``) has its spending in ``verifier_cost``; a rank
+            or z-score :class:`~fastsearch.verifiers.Ensemble` scores all rows in one call (``batch_size`` aside)
+            with ``offsets=`` over each prompt's candidates (zero-order search refuses it: it compares scores of
+            different calls).
         sampler: a :class:`~fastsearch.diffusion.DDIMSampler` or :class:`~fastsearch.diffusion.FlowSampler`.
         shape: one sample's shape (a sequence of ints).
         num_candidates: N >= 1 per prompt; or give ``budget_nfe`` (N = budget // NFEs per sample).
@@ -237,6 +255,7 @@ def zero_order_search(model: Callable, verifier: Callable, sampler: Sampler, sha
     options = ZeroOrderSearch(num_neighbors=num_neighbors, cos_sim=cos_sim, iterations=iterations)
 
     def body(search: _Search) -> NoiseSearchResult:
+        refuse_groupwise(search.verifier, "zero-order search")
         if math.prod(search.shape) < 2:
             raise ValueError(f"shape must hold at least 2 elements (neighbours at a cosine), got {list(search.shape)}")
         width = options.width

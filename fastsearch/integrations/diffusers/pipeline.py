@@ -11,7 +11,17 @@ from tqdm.auto import tqdm
 
 import fastsearch
 from fastsearch.checks import check_callable
-from fastsearch.diffusion.core import BestSoFar, NoiseSearchResult, check_budget, count_within, zero_order_rounds
+from fastsearch.diffusion.core import (
+    BestSoFar,
+    NoiseSearchResult,
+    best_index,
+    check_budget,
+    count_within,
+    is_groupwise,
+    refuse_groupwise,
+    selectable,
+    zero_order_rounds,
+)
 from fastsearch.diffusion.options import (
     SEARCHES,
     FKSteering,
@@ -77,7 +87,12 @@ def search_pipeline(pipe, verifier: Callable, search: SearchOptions | str = "ran
     Args:
         pipe: a diffusers pipeline (taking ``latents=`` for random / zero-order search).
         verifier: ``verifier(images, **verifier_kwargs) -> [B]`` scores, higher is better, where ``images`` is
-            what the pipeline returns as a tensor (numpy images are converted as they are).
+            what the pipeline returns as a tensor (numpy images are converted as they are): e.g. the verifiers of
+            :mod:`fastsearch.verifiers` and :mod:`fastsearch.integrations.verifiers`, whose compute is reported in
+            ``verifier_cost``. A rank or z-score :class:`~fastsearch.verifiers.Ensemble` ranks each slot's
+            candidates against each other: paths and fk pass it ``offsets=`` over a slot's rows; random search
+            keeps its members' scores of every call and ranks a slot's N candidates once all are made (``scores``
+            and ``history`` then hold those final ensemble scores); zero-order search refuses it.
         search: a :class:`~fastsearch.diffusion.RandomSearch`, :class:`~fastsearch.diffusion.ZeroOrderSearch`,
             :class:`~fastsearch.diffusion.PathsSearch` or :class:`~fastsearch.diffusion.FKSteering`, or the name of
             one for its defaults.
@@ -95,7 +110,8 @@ def search_pipeline(pipe, verifier: Callable, search: SearchOptions | str = "ran
     Returns:
         :class:`fastsearch.diffusion.NoiseSearchResult` with ``sample`` [B, ...] the best images, ``score`` [B],
         ``scores`` every final image's scores ([B, calls]; paths [B, n M]; fk [B, n]), ``nfe`` per slot,
-        ``total_nfe``, ``verifier_calls`` (mid-trajectory scoring included), ``noise`` [B, ...] the initial latents
+        ``total_nfe``, ``verifier_calls`` (mid-trajectory scoring included), ``verifier_cost`` (the verifier's
+        :class:`~fastsearch.verifiers.VerifierCost`, when it reports one), ``noise`` [B, ...] the initial latents
         of each best image (random / zero-order; else None), and ``history``: one entry per call (random:
         ``{"round", "nfe", "best_score"}``), per round (zero-order: ``{"round", "nfe", "best_score", "round_best",
         "pivot", "moved", "restarted"}`` as zero_order_search's), per selection (paths: ``{"round", "state",
@@ -105,6 +121,7 @@ def search_pipeline(pipe, verifier: Callable, search: SearchOptions | str = "ran
     Example:
         >>> from fastsearch.diffusion import FKSteering, RandomSearch
         >>> prompts = ["a red fox"] * 2
+        >>> clip_score = CLIPScore(clip_model, clip_processor)     # fastsearch.integrations.verifiers
         >>> result = search_pipeline(pipe, clip_score, RandomSearch(num_candidates=8), prompt=prompts,
         ...                          verifier_kwargs={"prompts": prompts})
         >>> result.sample.shape, result.nfe                 # 2 best images, 8 x 50 NFEs per image
@@ -137,6 +154,12 @@ def search_pipeline(pipe, verifier: Callable, search: SearchOptions | str = "ran
         raise ValueError(f"pipe ({type(pipe).__name__}) does not take latents=; search_pipeline needs a pipeline "
                          "whose __call__ accepts initial latents")
     check_budget(options, budget_nfe)  # before the first call
+    if isinstance(options, ZeroOrderSearch):
+        refuse_groupwise(verifier, "zero-order search through a pipeline")
+    elif is_groupwise(verifier) and not (callable(getattr(verifier, "member_scores", None))
+                                         and callable(getattr(verifier, "combine", None))):
+        raise TypeError("verifier is groupwise but has no member_scores / combine: random search through a pipeline "
+                        "scores one image per slot per call and must combine a slot's candidates at the end")
     with PipelineRunner(pipe, verifier, verifier_kwargs, pipe_kwargs) as run, \
             tqdm(desc=f"search_pipeline[{options.name}]", unit="call", disable=not progress) as bar, torch.no_grad():
         first = run(None)
@@ -151,6 +174,8 @@ def _random_search(run: PipelineRunner, bar, first: tuple, options: RandomSearch
     images, scores, latents, cost = first
     count = count_within(options, budget_nfe, cost, "pipeline call")
     bar.total = count
+    if run.groupwise:
+        return _random_search_groupwise(run, bar, first, count, seed)
     best = BestSoFar()
     best.offer(images, scores, latents)
     all_scores = [scores]
@@ -164,6 +189,33 @@ def _random_search(run: PipelineRunner, bar, first: tuple, options: RandomSearch
         all_scores.append(scores)
         history.append({"round": candidate, "nfe": run.tally.nfe, "best_score": best.score.clone()})
     return run.tally.result(best.sample, best.score, torch.stack(all_scores, dim=1), history, noise=best.noise)
+
+
+def _random_search_groupwise(run: PipelineRunner, bar, first: tuple, count: int, seed: int) -> NoiseSearchResult:
+    """Random search with a rank / z-score ensemble: every call's member scores are kept, and each slot's N
+    candidates are ranked against each other once all are made (the paper's ensemble, over a prompt's candidates)."""
+    images, _, latents, _ = first
+    all_images, all_latents, nfes = [images], [latents], [run.tally.nfe]
+    for candidate in range(1, count):
+        fresh = fastsearch.randn(latents.shape, seed=derive_seed(seed, Stream.NOISE, candidate),
+                                 device=latents.device, dtype=latents.dtype)
+        images, _, latents, _ = run(fresh)
+        bar.update()
+        all_images.append(images)
+        all_latents.append(latents)
+        nfes.append(run.tally.nfe)
+    members = torch.stack(run.member_scores, dim=-1)  # [V, B, N]: slot-major candidates after flattening
+    slots = members.shape[1]
+    offsets = torch.arange(0, slots * count + 1, count, device=members.device)
+    scores = run.verifier.combine(members.flatten(1), offsets=offsets).view(slots, count).float()
+    best = best_index(scores)
+    stacked = torch.stack(all_images, dim=1).flatten(0, 1)
+    noises = torch.stack(all_latents, dim=1).flatten(0, 1)
+    running = selectable(scores).cummax(dim=1).values
+    history = [{"round": candidate, "nfe": nfes[candidate], "best_score": running[:, candidate]}
+               for candidate in range(count)]
+    return run.tally.result(stacked[best.to(stacked.device)], scores.flatten()[best], scores, history,
+                            noise=noises[best.to(noises.device)])
 
 
 def _zero_order_search(run: PipelineRunner, bar, first: tuple, options: ZeroOrderSearch, budget_nfe: int | None,

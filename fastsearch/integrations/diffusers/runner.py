@@ -7,7 +7,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from fastsearch.diffusion.core import Tally, check_scores
+from fastsearch.diffusion.core import Tally, check_scores, is_groupwise
 
 
 def _expand_per_image(value, images: int, factor: int):
@@ -36,6 +36,12 @@ class PipelineRunner:
             given this runner as ``driver.runner``.
         rows_per_image: each image slot's rows (paths / fk make n x M or n images per slot, consecutive), which
             share the slot's verifier arguments.
+
+    A groupwise verifier (a rank or z-score :class:`~fastsearch.verifiers.Ensemble`) is given ``offsets=`` over
+    each slot's rows. With one row per slot (random search), its members' raw scores of every call are kept in
+    :attr:`member_scores` instead (``member_scores(images) -> [V, B]``), to be combined over all of a slot's
+    candidates once the search has them all (``combine(scores [V, N], offsets=...)``); the scores a call returns
+    are then NaN.
     """
 
     def __init__(self, pipe, verifier: Callable, verifier_kwargs: dict, pipe_kwargs: dict, *, driver=None,
@@ -49,7 +55,9 @@ class PipelineRunner:
         self.driver = driver
         if driver is not None:
             driver.runner = self
-        self.tally = Tally()
+        self.tally = Tally(verifier=verifier)
+        self.groupwise = is_groupwise(verifier)
+        self.member_scores = []  # [V, B] per call, for a groupwise verifier with one row per slot
         self.images_per_call = None
         self.rows = 0  # latent rows stepped in the current call
         self.first_sample = None
@@ -97,7 +105,14 @@ class PipelineRunner:
                                                                   self.rows_per_image)
                                           for name, value in kwargs.items()}
             kwargs = self._row_kwargs[rows]
-        scores = check_scores(self.verifier(images, **kwargs), images.shape[0], "image")
+        if self.groupwise and self.rows_per_image == 1:
+            self.member_scores.append(self.verifier.member_scores(images, **kwargs))
+            scores = torch.full((images.shape[0],), float("nan"))
+        elif self.groupwise:
+            offsets = torch.arange(0, images.shape[0] + 1, self.rows_per_image, device=images.device)
+            scores = check_scores(self.verifier(images, offsets=offsets, **kwargs), images.shape[0], "image")
+        else:
+            scores = check_scores(self.verifier(images, **kwargs), images.shape[0], "image")
         self.tally.verifier_calls += images.shape[0]
         return scores
 
