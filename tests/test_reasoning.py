@@ -72,8 +72,8 @@ def test_steps_continue_to_the_answer():
     assert empty.text == "" and not empty.finished
 
 
-def _pass_rate(problems, temperature: float, samples: int = 48) -> float:
-    generator = reasoning.SimulatedGenerator()
+def _pass_rate(problems, temperature: float, samples: int = 48, generator=None) -> float:
+    generator = generator or reasoning.SimulatedGenerator()
     outputs = generator.generate([p.text + DELIMITER for p in problems], n=samples, stop=None,
                                  temperature=temperature, seed=0)
     right = [reasoning.extract_answer(c.text) == p.answer for p, row in zip(problems, outputs, strict=True)
@@ -162,3 +162,29 @@ def test_demo_quick(tmp_path, capsys):
     assert set(summary["policy"]) == {4, 16}
     printed = capsys.readouterr().out
     assert "a simulation, not an LLM" in printed and "compute-optimal" in printed
+    tradeoff = summary["tradeoff"]
+    assert (tmp_path / "llm_tradeoff.png").stat().st_size > 10_000
+    assert set(tradeoff["ratios"]) == {1, 2, 4, 8, 16} and tradeoff["budgets"] == [4, 16]
+    assert all(len(values) == 2 for rows in tradeoff["ratios"].values() for values in rows.values())
+    assert all(length <= budget for values in tradeoff["best_ratio"].values()
+               for length, budget in zip(values, [4, 16], strict=True))
+    assert 0.0 < tradeoff["flip_rate"] < 1.0 and len(tradeoff["compute_optimal"]["levels"]) == 2
+    pretraining = summary["pretraining"]
+    assert (tmp_path / "llm_pretraining.png").stat().st_size > 10_000
+    assert len(pretraining["winner"]) == 3 and pretraining["multiples"][0] > pretraining["multiples"][-1]
+    assert "Sequential / parallel trade-off" in printed and "FLOPs-matched" in printed
+
+
+def test_flops_matched_multiple():
+    """Snell et al. sec. 7: 6 N D + 2 N X t Q = M (6 N D + 2 N t Q) with R = t Q / D."""
+    from fastsearch.demos.llm_pretraining import bigger_model, flops_matched_multiple
+
+    for ratio in (0.16, 0.79, 22.0):
+        multiple = flops_matched_multiple(ratio, 14)
+        assert 6 + 2 * ratio * multiple == pytest.approx(14 * (6 + 2 * ratio))
+    assert flops_matched_multiple(1e6, 14) == pytest.approx(14, rel=1e-3)  # heavy load: about M samples
+    with pytest.raises(ValueError, match="ratio must be > 0"):
+        flops_matched_multiple(0.0)
+    problems = reasoning.make_problems(100, seed=6)
+    assert _pass_rate(problems, 0.8) + 0.1 < _pass_rate(problems, 0.8, generator=bigger_model())
+

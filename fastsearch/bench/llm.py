@@ -11,6 +11,11 @@ Two measurements, at 64 problems x n = 16 and 256 problems x n = 64 (beam width 
   :class:`~fastsearch.models.reasoning.SimulatedGenerator`, scaled down 100 times):
   ``wall_ratio_vs_bon`` for fastsearch's batched beam search and ``one_problem_at_a_time_wall_ratio_vs_bon``
   for the same beam search run problem by problem, as the reference implementation runs it.
+- sequential revisions' overhead per chain and round (``overhead_per_chain_round_us``: wall time outside the
+  generator and verifier over the G x n attempts; ``overhead_cpu_per_chain_round_us``: the same in CPU time of
+  the searching thread), with a generator and an outcome verifier that cost
+  nothing (they hand out ready-made attempts and scores), at chain lengths 4 and n, for verifier-weighted
+  selection and for verifier-free majority selection; the target is under 2 us at 256 x 64.
 """
 
 from __future__ import annotations
@@ -19,10 +24,14 @@ import statistics
 import time
 from collections.abc import Callable
 from functools import partial
+from itertools import cycle, islice
+
+import torch
 
 from fastsearch.models import reasoning
 from fastsearch.search.algorithms import beam_search, best_of_n, dvts, particle_filter
-from fastsearch.search.types import SearchResult
+from fastsearch.search.revisions import revisions
+from fastsearch.search.types import Completion, SearchResult
 
 SHAPES = ((64, 16), (256, 64))
 BEAM_WIDTH = 4
@@ -39,6 +48,50 @@ ALGORITHMS: dict[str, Callable[..., SearchResult]] = {
     "particle_filter": lambda problems, g, v, n, seed: particle_filter(problems, g, v, n=n, max_steps=MAX_STEPS,
                                                                        seed=seed, **_SIM),
 }
+
+
+REVISION_CASES = (("verifier", 4), ("majority", 4), ("verifier", None))  # (select, chain length; None: n)
+
+
+class FreeGenerator:
+    """Hands out ready-made attempts (97 distinct texts, 7 answers) in turn: a generator that costs nothing."""
+
+    def __init__(self):
+        self.pool = [Completion(f"step one {k}\n\nstep two {k}\n\nanswer {k % 7} <0>", 40, True) for k in range(97)]
+
+    def generate(self, prompts, *, n, **options):
+        flat = list(islice(cycle(self.pool), len(prompts) * n))
+        return [flat[start:start + n] for start in range(0, len(flat), n)]
+
+
+class FreeOutcomeVerifier:
+    """Ready-made scores: an outcome verifier that costs nothing."""
+
+    def __init__(self):
+        self.scores = torch.rand(1 << 20, generator=torch.Generator().manual_seed(0))
+
+    def score_completions(self, problems, completions):
+        return self.scores[:len(completions)]
+
+
+def revision_overhead_us(groups: int, n: int, select: str, chain_length: int, min_run_time: float
+                         ) -> tuple[float, float]:
+    """Median overhead of :func:`revisions` per chain and round (per attempt), in microseconds: ``(wall, cpu)``,
+    wall time outside the generator and verifier calls, and the same in CPU time of the searching thread."""
+    texts = [p.text for p in reasoning.make_problems(groups, seed=0)]
+    generator, verifier = _CpuTimed(FreeGenerator()), FreeOutcomeVerifier() if select == "verifier" else None
+    cpu = []
+
+    def run(seed: int) -> SearchResult:
+        generator.cpu_seconds = 0.0
+        began = time.thread_time()
+        result = revisions(texts, generator, verifier, n=n, chain_length=chain_length, select=select, seed=seed,
+                           answer_fn=reasoning.extract_answer)
+        cpu.append((time.thread_time() - began - generator.cpu_seconds) / (groups * n) * 1e6)
+        return result
+
+    walls = [r.spent.overhead_seconds / (groups * n) * 1e6 for r in _repeat(run, min_run_time, 5)]
+    return statistics.median(walls), statistics.median(cpu[1:])  # cpu[0]: the warm-up run
 
 
 def _repeat(run: Callable[[int], SearchResult], min_run_time: float, at_least: int) -> list[SearchResult]:
@@ -106,6 +159,12 @@ def _shape_rows(groups: int, n: int, min_run_time: float) -> list[dict]:
         out.append(_row(name, f"{shape} overhead_per_step_us", shape, per_step))
         cpu = statistics.median(_overhead_cpu(search, texts, n, seed) for seed in range(3))
         out.append(_row(name, f"{shape} overhead_cpu_per_beam_step_us", shape, cpu * 1e6))
+    for select, chain_length in REVISION_CASES:
+        length = n if chain_length is None else chain_length
+        wall, cpu = revision_overhead_us(groups, n, select, length, min_run_time)
+        setting = f"(chain_length={length}, select={select}, free generator)"
+        out.append(_row("revisions", f"{shape} overhead_per_chain_round_us {setting}", shape, wall))
+        out.append(_row("revisions", f"{shape} overhead_cpu_per_chain_round_us {setting}", shape, cpu))
     cost = f"generator {CALL_COST * 1e3:g} ms/call + {TOKEN_COST * 1e6:g} us/token"
     walls = {}
     for name in ("best_of_n", "beam_search"):

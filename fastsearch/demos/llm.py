@@ -6,6 +6,11 @@ a separate validation set, prints accuracy per strategy and difficulty level, an
 (``llm_scaling.png``). It reproduces the shape of Snell et al. (2024): beam search ahead at small budgets
 and on hard problems, best-of-N catching up at large budgets on easy ones, and the compute-optimal policy
 reaching best-of-N's accuracy with several times fewer generated tokens.
+
+Then it runs the two other comparisons of the paper on the same simulated task (with its simulated revision
+model): sequential against parallel compute (:mod:`fastsearch.demos.llm_tradeoff`, ``llm_tradeoff.png``)
+and test-time against pretraining compute (:mod:`fastsearch.demos.llm_pretraining`,
+``llm_pretraining.png``).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import time
 
 import torch
 
+from fastsearch.demos import llm_pretraining, llm_tradeoff
 from fastsearch.models import reasoning
 from fastsearch.search import ComputeOptimal, default_strategies
 
@@ -43,9 +49,11 @@ def run(out_dir: pathlib.Path, *, quick: bool = False, progress: bool = True) ->
 
     Returns:
         ``{"budgets", "accuracy": {strategy: {"all" | "level k": [per budget]}}, "tokens": {strategy: [per
-        budget]}, "policy": {budget: [strategy per difficulty bin]}, "matches": {...}, "plot": path, "seconds"}``
-        where ``matches`` says at which budget the compute-optimal policy first reaches best-of-N's accuracy
-        at the largest budget, and the ratio of generated tokens.
+        budget]}, "policy": {budget: [strategy per difficulty bin]}, "matches": {...}, "plot": path, "tradeoff":
+        {...}, "pretraining": {...}, "seconds"}`` where ``matches`` says at which budget the compute-optimal
+        policy first reaches best-of-N's accuracy at the largest budget, and the ratio of generated tokens;
+        ``tradeoff`` and ``pretraining`` are what :func:`fastsearch.demos.llm_tradeoff.run` and
+        :func:`fastsearch.demos.llm_pretraining.run` return.
     """
     began = time.perf_counter()
     out_dir = pathlib.Path(out_dir)
@@ -78,14 +86,18 @@ def run(out_dir: pathlib.Path, *, quick: bool = False, progress: bool = True) ->
         tokens.setdefault(COMPUTE_OPTIMAL, []).append(result.spent.generated_tokens)
     matches = _matches(accuracy, tokens, budgets)
     plot = _plot(out_dir / "llm_scaling.png", accuracy, budgets)
-    seconds = time.perf_counter() - began
     print(_table(accuracy, tokens, budgets, count))
     print("\ncompute-optimal policy (validation accuracy of the chosen strategy; bins by estimated difficulty):")
     print(policy.report())
     print(f"\n{matches['summary']}")
-    print(f"plot: {plot}  ({seconds:.0f} s)")
+    print(f"plot: {plot}  ({time.perf_counter() - began:.0f} s)\n")
+    tradeoff = llm_tradeoff.run(out_dir, quick=quick, progress=progress)
+    print()
+    pretraining = llm_pretraining.run(out_dir, tradeoff, quick=quick)
+    seconds = time.perf_counter() - began
+    print(f"({seconds:.0f} s)")
     return {"budgets": list(budgets), "accuracy": accuracy, "tokens": tokens, "policy": policy.policy(),
-            "matches": matches, "plot": plot, "seconds": seconds}
+            "matches": matches, "plot": plot, "tradeoff": tradeoff, "pretraining": pretraining, "seconds": seconds}
 
 
 def _matches(accuracy, tokens, budgets) -> dict:

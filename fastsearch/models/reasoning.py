@@ -33,6 +33,7 @@ from __future__ import annotations
 import itertools
 import math
 import operator
+import re
 import time
 import zlib
 from collections.abc import Sequence
@@ -42,11 +43,14 @@ import numpy as np
 import torch
 
 from fastsearch.checks import check_float, check_int
+from fastsearch.models.revision_sim import RevisionModel
 from fastsearch.search import Completion
 from fastsearch.seeding import resolve_seed
 
 LEVELS = 5
 MAX_STEPS = 8  # the hardest problems take 8 reasoning steps (plus the answer step)
+
+DEFAULT_REVISION = RevisionModel()  # how the simulated generator revises, unless told otherwise
 
 _PROBLEM_OPEN, _PROBLEM_CLOSE = "(sim: ", ")"
 _STEP_OPEN = "<"
@@ -198,6 +202,45 @@ def _last_code(prompt: str) -> int:
     return int(prompt[start + 1:start + 1 + _CODE_DIGITS], 16)
 
 
+_ANSWER_STEP = re.compile(r"answer -?\d+ <([0-9a-f]{16})>")
+
+
+def _prompt_state(prompt: str) -> tuple[int, int, int]:
+    """``(code, seen, previous)``: the state code of the current attempt's last step (0: a fresh attempt),
+    how many earlier complete attempts the prompt shows, and the code of the most recent one's answer step.
+
+    A prompt whose last step is an answer step starts a fresh attempt when more text follows that step (a
+    revision prompt); when nothing but blanks follows, the attempt is complete (and the code says so).
+    """
+    code = _last_code(prompt)
+    if "answer " not in prompt:
+        return code, 0, 0
+    shown = _ANSWER_STEP.findall(prompt)
+    if code & _ANSWER:
+        if prompt[prompt.rfind(_STEP_OPEN) + _MARK_WIDTH:].strip():
+            code = 0
+        else:
+            shown = shown[:-1]
+    return code, len(shown), int(shown[-1], 16) if shown else 0
+
+
+class _Revised:
+    """Per-sample effects of the earlier attempts a prompt shows (see :class:`RevisionModel`)."""
+
+    def __init__(self, model: RevisionModel, seen, previous, difficulty, num_steps):
+        last_right = (seen > 0) & ((previous & np.uint64(_CORRECT)) != 0)
+        self.scale = model.error_scale(difficulty, seen)
+        self.breaks = model.break_per_step(difficulty, last_right, num_steps)
+        self.anchor = model.anchor_probability(difficulty, (seen > 0) & ~last_right)
+        self.looks_correct = (previous & np.uint64(_LOOKS_CORRECT)) != 0
+        self.distractor = previous & np.uint64(3 << _DISTRACTOR_SHIFT)
+
+    @classmethod
+    def of(cls, model: RevisionModel | None, seen, previous, difficulty, num_steps) -> _Revised | None:
+        """The effects, or None when no prompt shows an earlier attempt (or revisions are off)."""
+        return None if model is None or not seen.any() else cls(model, seen, previous, difficulty, num_steps)
+
+
 _MARK_WIDTH = _CODE_DIGITS + 2  # "<" + 16 hex digits + ">", the end of every simulated step
 _HEX_VALUE = np.full(256, -1, dtype=np.int64)
 _HEX_VALUE[np.frombuffer(b"0123456789", dtype=np.uint8)] = np.arange(10)
@@ -232,6 +275,13 @@ class SimulatedGenerator:
     on a problem with trap strength t falls into the trap with probability t (when it made no visible
     error): a subtle error that the PRM does not see and that ends in the trap's wrong answer.
 
+    Revisions (a simulation, :class:`~fastsearch.models.revision_sim.RevisionModel`): a prompt that shows
+    earlier complete attempts at the problem (any text holding their ``answer ... <code>`` steps) followed
+    by more text, such as :func:`fastsearch.search.default_revision_prompt` writes, starts a new attempt
+    conditioned on them: fewer errors the easier the problem and the more attempts shown, sometimes a
+    right answer broken, on hard problems often a wrong one repeated. Steps written after such a prompt
+    carry on the same attempt.
+
     Samples are keyed by (seed, prompt text, how many times the same prompt came before in this call,
     sample index), so they do not depend on how problems are batched. ``temperature=0`` is greedy: the
     sample depends on the prompt alone.
@@ -250,10 +300,16 @@ class SimulatedGenerator:
         shortcut_rate: chance that a step is a shortcut (terse: fewer tokens; the PRM likes it).
         step_delimiter: what separates steps when several are written at once (``stop=None``).
         cost_per_call / cost_per_token: simulated serving cost, see above.
+        revision: how earlier attempts in a prompt change the next one (default :class:`RevisionModel`);
+            None: earlier attempts change nothing.
     """
 
     def __init__(self, *, step_error_min: float = 0.06, step_error_range: float = 0.6, shortcut_rate: float = 0.15,
-                 step_delimiter: str = "\n\n", cost_per_call: float = 0.0, cost_per_token: float = 0.0):
+                 step_delimiter: str = "\n\n", cost_per_call: float = 0.0, cost_per_token: float = 0.0,
+                 revision: RevisionModel | None = DEFAULT_REVISION):
+        if revision is not None and not isinstance(revision, RevisionModel):
+            raise TypeError(f"revision must be a RevisionModel or None, got {type(revision).__name__}")
+        self.revision = revision
         self.step_error_min, self.step_error_range = step_error_min, step_error_range
         self.shortcut_rate = shortcut_rate
         self.step_delimiter = step_delimiter
@@ -273,13 +329,15 @@ class SimulatedGenerator:
         began = time.perf_counter()
         seed = resolve_seed(seed)
         problem = np.fromiter(map(self._problems.find, prompts), dtype=np.int64, count=len(prompts))
-        codes = np.fromiter(map(_last_code, prompts), dtype=np.uint64, count=len(prompts))
+        codes, seen, previous = (np.array(column, dtype=dtype) for column, dtype in zip(
+            zip(*map(_prompt_state, prompts)), (np.uint64, np.int64, np.uint64), strict=True))
         if np.any(codes & np.uint64(_ANSWER)):
             raise ValueError("a prompt already ends with its answer step: nothing is left to generate")
         per_sample = np.repeat(problem, n)
         difficulty, num_steps, answers, trap = (column[per_sample] for column in self._problems.columns())
+        revised = _Revised.of(self.revision, np.repeat(seen, n), np.repeat(previous, n), difficulty, num_steps)
         texts, tokens, finished = self._roll(self._sample_keys(prompts, n, temperature, seed), np.repeat(codes, n),
-                                             difficulty, num_steps, answers, trap, temperature,
+                                             difficulty, num_steps, answers, trap, temperature, revised,
                                              one_step=stop is not None, max_tokens=max_tokens,
                                              delimiter=stop[0] if stop else self.step_delimiter)
         completions = list(map(Completion, texts, tokens.tolist(), finished.tolist()))
@@ -306,11 +364,14 @@ class SimulatedGenerator:
             base = _mix64(_mix64(prompt_hash ^ _mix64(np.uint64(seed))) + repeat * np.uint64(n))
             return _mix64(np.repeat(base, n) + np.tile(np.arange(n, dtype=np.uint64), count))
 
-    def _roll(self, keys, codes, difficulty, num_steps, answers, trap, temperature, *, one_step, max_tokens,
+    def _roll(self, keys, codes, difficulty, num_steps, answers, trap, temperature, revised, *, one_step, max_tokens,
               delimiter):
         """Write steps for every sample until its answer (or one step): ``(texts, tokens, finished)``."""
         samples = keys.size
         visible_rate = (self.step_error_min + self.step_error_range * difficulty**2) * (0.4 + 0.75 * temperature)
+        if revised is not None:
+            visible_rate = 1.0 - (1.0 - visible_rate * revised.scale) * (1.0 - revised.breaks)
+            trap = trap * revised.scale
         index = ((codes >> np.uint64(_INDEX_SHIFT)) & np.uint64(0xFF)).astype(np.int64)
         carried = np.uint64(_CORRECT | _LOOKS_CORRECT | (3 << _DISTRACTOR_SHIFT))
         state = np.where(index == 0, np.uint64(_CORRECT | _LOOKS_CORRECT), codes & carried)
@@ -331,12 +392,20 @@ class SimulatedGenerator:
             can_err = ((old & np.uint64(_CORRECT)) != 0) & ~is_answer
             visible = can_err & (_uniform(step_keys, 1) < visible_rate[live])
             trapped = can_err & shortcut & ~visible & (_uniform(step_keys, 2) < trap[live])
+            if revised is not None:  # the first step of a revision may repeat the earlier attempt's mistake
+                repeat = can_err & (step_index == 1) & (_uniform(step_keys, 5) < revised.anchor[live])
+                visible, trapped = visible & ~repeat, trapped & ~repeat
             still_correct = ((old & np.uint64(_CORRECT)) != 0) & ~visible & ~trapped
             looks_correct = ((old & np.uint64(_LOOKS_CORRECT)) != 0) & ~visible
+            if revised is not None:
+                still_correct &= ~repeat
+                looks_correct = np.where(repeat, revised.looks_correct[live], looks_correct)
             # A visible error leads to one of distractors 1-3, the trap to distractor 0; later steps keep it.
             distractor = np.where(trapped, 0, 1 + (_uniform(step_keys, 3) * 3).astype(np.int64))
             distractor_bits = np.where(visible | trapped, distractor.astype(np.uint64) << np.uint64(_DISTRACTOR_SHIFT),
                                        old & np.uint64(3 << _DISTRACTOR_SHIFT))
+            if revised is not None:
+                distractor_bits = np.where(repeat, revised.distractor[live], distractor_bits)
             low, high = np.where(shortcut, 12, 30), np.where(shortcut, 30, 80)
             step_tokens = np.where(is_answer, 10, low + (_uniform(step_keys, 4) * (high - low)).astype(np.int64))
             new_state = (np.where(still_correct, np.uint64(_CORRECT), np.uint64(0))

@@ -24,6 +24,7 @@ reproduction, which runs one problem at a time), with these documented differenc
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Callable, Sequence
 from itertools import repeat
@@ -37,7 +38,7 @@ from fastsearch.checks import check_choice, check_float, check_int
 from fastsearch.ops.particles import RESAMPLE_METHODS
 from fastsearch.ops.score import LOGIT_CLIP
 from fastsearch.search.run import SearchRun, as_numpy, split_steps
-from fastsearch.search.types import Generator, SearchResult, StepVerifier, extract_answer
+from fastsearch.search.types import AnswerVerifier, Generator, SearchResult, StepVerifier, extract_answer
 from fastsearch.seeding import Stream, derive_seed
 
 
@@ -103,20 +104,23 @@ def _with_lookahead(run: SearchRun, prompts: Sequence[str], owner: np.ndarray,
     return scored
 
 
-def best_of_n(problems: Sequence[str], generator: Generator, verifier: StepVerifier, *, n: int,
-              aggregate: str = "last", vote: str = "none", answer_fn: Callable[[str], str] = extract_answer,
+def best_of_n(problems: Sequence[str], generator: Generator, verifier: StepVerifier | AnswerVerifier | None, *,
+              n: int, aggregate: str = "last", vote: str = "none", answer_fn: Callable[[str], str] = extract_answer,
               temperature: float = 0.8, max_tokens: int = 2048, step_delimiter: str = "\n\n",
               prompt_fn: Callable[[str], str] | None = None, seed: int | None = None,
               progress: bool = False) -> SearchResult:
-    """Best-of-N: n full solutions per problem, scored step by step by the verifier, one picked.
+    """Best-of-N: n full solutions per problem, scored by the verifier, one picked.
 
-    One generator call (n samples of every problem, to the end) and one verifier call (every solution cut
-    at ``step_delimiter``) for the whole batch.
+    One generator call (n samples of every problem, to the end) and one verifier call for the whole batch:
+    a step verifier gets every solution cut at ``step_delimiter``, an answer verifier (ORM) every whole
+    solution; identical solutions of one problem are scored once. With ``vote="majority"`` (self-consistency)
+    the verifier may be None: then nothing is scored (``scores`` are NaN) and no verifier call is made.
 
     Args:
         problems: G problem strings.
         generator: a :class:`~fastsearch.search.Generator`.
-        verifier: a :class:`~fastsearch.search.StepVerifier`.
+        verifier: a :class:`~fastsearch.search.StepVerifier` or :class:`~fastsearch.search.AnswerVerifier`;
+            None only with ``vote="majority"``.
         n: samples per problem.
         aggregate: how a solution's step scores become one score: ``"last"`` (default), ``"min"``,
             ``"prod"``, ``"mean"``, ``"max"`` or ``"logit_sum"``.
@@ -136,14 +140,19 @@ def best_of_n(problems: Sequence[str], generator: Generator, verifier: StepVerif
         :class:`~fastsearch.search.SearchResult` with n candidates per problem.
     """
     n = check_int("n", n)
+    if verifier is None and vote != "majority":
+        raise ValueError(f"verifier is None: only vote='majority' (self-consistency) picks without scores, got "
+                         f"vote={vote!r}")
     with SearchRun(f"best_of_n(n={n})", problems, generator, verifier, aggregate=aggregate, vote=vote,
                    answer_fn=answer_fn, temperature=temperature, max_tokens=max_tokens, seed=seed,
-                   step_delimiter=step_delimiter, prompt_fn=prompt_fn, progress=progress) as run:
+                   step_delimiter=step_delimiter, prompt_fn=prompt_fn, progress=progress, whole_attempts=True,
+                   verifier_optional=True) as run:
         owner = np.arange(run.num_problems, dtype=np.int64)
         for _ in run.steps(1):
             texts, _, _ = run.generate(run.prefixes, owner, n=n, stop=None)
             owner = np.repeat(owner, n)
-            scores = run.score(owner, split_steps(texts, step_delimiter))
+            scores = (torch.full((len(texts),), math.nan) if verifier is None
+                      else run.score_completions(owner, texts))
         return run.finish(texts, owner, scores)
 
 

@@ -1,14 +1,17 @@
 """The compute-optimal test-time search policy of Snell et al. (2024).
 
 Fit on a validation set: for every difficulty bin and generation budget, the strategy (with its
-hyperparameters) that answers most problems correctly. A new problem's difficulty is estimated from a few
-cheap samples scored by the verifier (a problem whose samples the verifier rates low is hard), and the
-problem is searched with the strategy its bin and the budget call for. The difficulty estimate costs
-compute, and that is counted in what the search reports it spent.
+hyperparameters) that answers most problems correctly. The strategies can be PRM searches
+(:func:`default_strategies`), sequential revisions at every ratio of sequential to parallel compute
+(:func:`revision_strategies`: chain length 1, 2, 4, ... n), or both together. A new problem's difficulty
+is estimated from a few cheap samples scored by the verifier (a problem whose samples the verifier rates
+low is hard), and the problem is searched with the strategy its bin and the budget call for. The
+difficulty estimate costs compute, and that is counted in what the search reports it spent.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -17,8 +20,9 @@ from dataclasses import dataclass, replace
 import torch
 from tqdm.auto import tqdm
 
-from fastsearch.checks import check_int, check_texts
+from fastsearch.checks import check_choice, check_int, check_texts
 from fastsearch.search.algorithms import beam_search, best_of_n, dvts
+from fastsearch.search.revisions import SELECT, revisions
 from fastsearch.search.types import Generator, SearchResult, Spent, StepVerifier
 from fastsearch.seeding import Stream, check_seed, derive_seed, resolve_seed
 
@@ -62,6 +66,42 @@ def default_strategies(*, max_steps: int = 40) -> list[Strategy]:
     ]
 
 
+def revision_strategies(*, max_chain_length: int = 256, select: str = "verifier", history: int = 4) -> list[Strategy]:
+    """Sequential revisions at every power-of-two chain length: ``revisions(L=1)`` (all parallel: n chains
+    of one attempt), ``revisions(L=2)``, ... up to ``max_chain_length``; at budget n a chain length applies
+    when it divides n (``L=n``: one chain, all sequential).
+
+    Args:
+        max_chain_length: the longest chain.
+        select: within-chain selection of :func:`~fastsearch.search.revisions`.
+        history: earlier attempts each revision sees.
+
+    Example:
+        >>> policy = ComputeOptimal(default_strategies() + revision_strategies())   # PRM search and revisions
+    """
+    max_chain_length = check_int("max_chain_length", max_chain_length)
+    check_choice("select", select, SELECT)
+    history = check_int("history", history, minimum=0)
+
+    def chains_of(length: int) -> Callable[[int], dict | None]:
+        def settings(budget: int) -> dict | None:
+            if budget % length:
+                return None
+            return {"n": budget, "chain_length": length, "select": select, "history": history}
+        return settings
+
+    lengths = [1 << k for k in range(max_chain_length.bit_length()) if 1 << k <= max_chain_length]
+    return [Strategy(f"revisions(L={length})", revisions, chains_of(length)) for length in lengths]
+
+
+def _accepted(search: Callable, options: dict) -> dict:
+    """The options ``search`` takes (``vote`` goes to best-of-N, not to revisions, ...)."""
+    parameters = inspect.signature(search).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return options
+    return {key: value for key, value in options.items() if key in parameters}
+
+
 class ComputeOptimal:
     """Pick the search strategy per problem from its estimated difficulty and the budget.
 
@@ -70,8 +110,9 @@ class ComputeOptimal:
         bins: difficulty bins (equal-count quantiles of the validation set's estimated difficulty).
         probe_n: samples per problem for the difficulty estimate (best-of-N samples; difficulty = 1 - their
             mean verifier score).
-        options: keyword arguments for every search (``aggregate``, ``vote``, ``answer_fn``,
-            ``temperature``, ``max_tokens``, ``step_delimiter``, ``prompt_fn``).
+        options: keyword arguments for every search that takes them (``aggregate``, ``vote``, ``answer_fn``,
+            ``temperature``, ``max_tokens``, ``step_delimiter``, ``prompt_fn``, ``revision_prompt``, ...):
+            each search gets those its signature names.
 
     Example:
         >>> policy = ComputeOptimal(options={"vote": "weighted"}).fit(val_problems, val_answers, gen, prm)
@@ -87,7 +128,7 @@ class ComputeOptimal:
         self.bins = check_int("bins", bins)
         self.probe_n = check_int("probe_n", probe_n)
         self.options = dict(options or {})
-        for reserved in ("n", "beam_width", "seed", "progress"):
+        for reserved in ("n", "beam_width", "chain_length", "seed", "progress"):
             if reserved in self.options:
                 raise ValueError(f"options must not set {reserved!r}: the policy chooses it")
         self.edges: torch.Tensor | None = None
@@ -141,7 +182,7 @@ class ComputeOptimal:
             if settings is None:
                 continue
             result = strategy.search(problems, generator, verifier, seed=derive_seed(seed, Stream.FIT, b, s),
-                                     **settings, **self.options)
+                                     **settings, **_accepted(strategy.search, self.options))
             right = torch.tensor(list(map(same, result.answers, answers)), dtype=torch.float32)
             accuracy[b, :, s] = torch.zeros(self.bins).index_add_(0, bin_of, right) / per_bin
         self.budgets, self.accuracy = budgets, accuracy
@@ -181,7 +222,7 @@ class ComputeOptimal:
             result = strategy.search([problems[i] for i in members.tolist()], generator, verifier,
                                      seed=derive_seed(seed, Stream.SEARCH, s), progress=progress,
                                      **strategy.settings(budget),
-                                     **self.options)
+                                     **_accepted(strategy.search, self.options))
             parts.append((members, result))
         merged = _merge(parts, len(problems), spent)
         merged.spent.wall_seconds = time.perf_counter() - began

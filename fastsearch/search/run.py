@@ -54,10 +54,11 @@ class SearchRun:
 
     def __init__(self, strategy: str, problems, generator, verifier, *, aggregate: str, vote: str,
                  answer_fn: Callable[[str], str], temperature: float, max_tokens: int, seed: int | None,
-                 step_delimiter: str, prompt_fn: Callable[[str], str] | None, progress: bool):
+                 step_delimiter: str, prompt_fn: Callable[[str], str] | None, progress: bool,
+                 whole_attempts: bool = False, verifier_optional: bool = False):
         self.start = time.perf_counter()
         self.problems = check_texts("problems", problems)
-        check_models(generator, verifier)
+        check_models(generator, verifier, whole_attempts=whole_attempts, optional=verifier_optional)
         self.generator, self.verifier = generator, verifier
         self.strategy = strategy
         self.aggregate = check_choice("aggregate", aggregate, AGGREGATIONS)
@@ -87,6 +88,7 @@ class SearchRun:
         self.generator_calls = 0
         self.verifier_calls = 0
         self.scored_steps = 0
+        self.scored_completions = 0
         self.generator_seconds = 0.0
         self.verifier_seconds = 0.0
 
@@ -156,6 +158,41 @@ class SearchRun:
         self.scored_steps += scores.numel()
         return fastsearch.aggregate_steps(scores, offsets=offsets, method=self.aggregate)
 
+    def score_completions(self, owner: np.ndarray, completions: Sequence[str]) -> torch.Tensor:
+        """Scores [N] float32 of whole attempts, in one verifier call; identical completions of one problem
+        are scored once.
+
+        ``owner`` [N] int64 is the problem of each completion. An :class:`AnswerVerifier` (a
+        ``score_completions`` method) scores each attempt directly; a step verifier scores its steps (the
+        text cut at the step delimiter), aggregated by ``aggregate``.
+        """
+        if not completions:
+            return torch.zeros(0, dtype=torch.float32)
+        ids: dict[tuple[int, str], int] = {}
+        inverse = as_numpy(list(map(ids.setdefault, zip(owner.tolist(), completions), range(len(completions)))),
+                           np.int64)
+        unique = np.unique(inverse)  # first occurrence of each distinct (problem, completion), in order
+        distinct = unique.size < len(completions)
+        unique_owner = owner[unique] if distinct else owner
+        unique_texts = list(map(completions.__getitem__, unique.tolist())) if distinct else list(completions)
+        self.scored_completions += len(unique_texts)
+        if callable(getattr(self.verifier, "score_completions", None)):
+            candidate_problems = list(map(self.problems.__getitem__, unique_owner.tolist()))
+            began = time.perf_counter()
+            with self._caller_threads():
+                returned = self.verifier.score_completions(candidate_problems, unique_texts)
+            self.verifier_seconds += time.perf_counter() - began
+            self.verifier_calls += 1
+            scores = completion_scores(returned, len(unique_texts))
+        else:
+            scores = self.score(unique_owner, split_steps(unique_texts, self.delimiter))
+        if not distinct:
+            return scores
+        # map every completion to the position of its first occurrence among the scored ones
+        position = np.empty(len(completions), dtype=np.int64)
+        position[unique] = np.arange(unique.size)
+        return scores[torch.from_numpy(position[inverse])]
+
     def completions(self, prompts: Sequence[str], owner: np.ndarray) -> list[str]:
         """The generated part of full prompts (the problem's prefix cut off)."""
         prefix_length = [len(prefix) for prefix in self.prefixes]
@@ -209,10 +246,9 @@ class SearchRun:
         """[G] int64 flat index of each problem's pick; -1 where a problem has no candidate with a score."""
         if self.vote == "none":
             return fastsearch.segmented_topk(scores, 1, offsets=offsets).indices[:, 0]
-        ids: dict[str, int] = {}
-        keys = torch.from_numpy(np.fromiter((ids.setdefault(answer, len(ids)) for answer in answers),
-                                            dtype=np.int64, count=len(answers)))
-        return fastsearch.vote(keys, scores, offsets=offsets, method=self.vote)
+        keys = torch.from_numpy(answer_keys(answers))
+        # a majority vote counts members only: it reads no score (there may be none, verifier=None)
+        return fastsearch.vote(keys, None if self.vote == "majority" else scores, offsets=offsets, method=self.vote)
 
     def spent(self) -> Spent:
         wall = time.perf_counter() - self.start
@@ -223,6 +259,7 @@ class SearchRun:
             generator_calls=self.generator_calls,
             verifier_calls=self.verifier_calls,
             scored_steps=self.scored_steps,
+            scored_completions=self.scored_completions,
             generator_seconds=self.generator_seconds,
             verifier_seconds=self.verifier_seconds,
             overhead_seconds=max(wall - self.generator_seconds - self.verifier_seconds, 0.0),
@@ -233,12 +270,46 @@ class SearchRun:
 # -- checks of the user's generator and verifier and of what they return -------------------------------
 
 
-def check_models(generator, verifier) -> None:
+def answer_keys(answers: Sequence[str]) -> np.ndarray:
+    """[N] int64: equal answers get equal keys (the index of the answer's first appearance)."""
+    ids: dict[str, int] = {}
+    return as_numpy(list(map(ids.setdefault, answers, range(len(answers)))), np.int64)
+
+
+def check_models(generator, verifier, *, whole_attempts: bool = False, optional: bool = False) -> None:
+    """The generator has ``generate``; the verifier has ``score`` (a step verifier), or, where the search
+    scores whole attempts, ``score`` or ``score_completions``; None where the search needs no verifier."""
     if not callable(getattr(generator, "generate", None)):
         raise TypeError(f"generator must have a generate(prompts, *, n, stop, temperature, max_tokens, seed) "
                         f"method, got {type(generator).__name__}")
-    if not callable(getattr(verifier, "score", None)):
-        raise TypeError(f"verifier must have a score(problems, step_lists) method, got {type(verifier).__name__}")
+    if verifier is None and optional:
+        return
+    if callable(getattr(verifier, "score", None)):
+        return
+    if whole_attempts:
+        if not callable(getattr(verifier, "score_completions", None)):
+            raise TypeError(f"verifier must have a score(problems, step_lists) or a score_completions(problems, "
+                            f"completions) method, got {type(verifier).__name__}")
+        return
+    raise TypeError(f"verifier must have a score(problems, step_lists) method, got {type(verifier).__name__}")
+
+
+def completion_scores(returned, num: int) -> torch.Tensor:
+    """An :class:`AnswerVerifier`'s answer as scores [num] float32, checked: one score per completion."""
+    if isinstance(returned, torch.Tensor):
+        scores = returned.detach().to("cpu", torch.float32)
+    elif isinstance(returned, Sequence) and not isinstance(returned, str):
+        try:
+            scores = torch.from_numpy(np.asarray(returned, dtype=np.float32))
+        except (TypeError, ValueError) as exc:
+            raise TypeError("verifier.score_completions must return one float per completion") from exc
+    else:
+        raise TypeError(f"verifier.score_completions must return a sequence of floats or a tensor, got "
+                        f"{type(returned).__name__}")
+    if scores.dim() != 1 or scores.numel() != num:
+        raise ValueError(f"verifier.score_completions returned scores of shape {list(scores.shape)} for {num} "
+                         f"completions, expected [{num}]")
+    return scores
 
 
 def flat_completions(outputs, num_prompts: int, n: int) -> list[Completion]:

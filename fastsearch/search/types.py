@@ -1,8 +1,9 @@
 """The LLM search API's types: generator and verifier protocols, completions, results, compute spent.
 
-Any object with the right method works as a generator or verifier; :class:`Generator` and
-:class:`StepVerifier` are ``typing.Protocol`` classes for documentation and static checking, with no base
-class to inherit.
+Any object with the right method works as a generator or verifier; :class:`Generator`,
+:class:`StepVerifier` (a process reward model, one score per step) and :class:`AnswerVerifier` (an
+outcome reward model, one score per whole attempt) are ``typing.Protocol`` classes for documentation and
+static checking, with no base class to inherit.
 
 Texts are opaque to the search: it cuts them only at the step delimiter, concatenates them into prompts
 and hands them to the verifier and to ``answer_fn``.
@@ -62,6 +63,20 @@ class StepVerifier(Protocol):
               ) -> Sequence[Sequence[float]] | tuple[torch.Tensor, torch.Tensor]: ...
 
 
+class AnswerVerifier(Protocol):
+    """An outcome reward model (ORM): one score per whole attempt, higher is better (usually in [0, 1]).
+
+    ``score_completions(problems, completions)`` gets one entry per attempt: ``problems[i]`` is the problem
+    of attempt i and ``completions[i]`` its full generated text. It returns N scores, as a sequence of
+    floats or a float tensor of shape [N]. The searches that score whole attempts (:func:`best_of_n`,
+    :func:`revisions`) take either kind of verifier; a :class:`StepVerifier` serves as an ORM by
+    aggregating its step scores (:class:`~fastsearch.search.AggregatedSteps` does it explicitly).
+    """
+
+    def score_completions(self, problems: Sequence[str], completions: Sequence[str]
+                          ) -> Sequence[float] | torch.Tensor: ...
+
+
 @dataclass
 class Spent:
     """The compute one search spent.
@@ -73,6 +88,8 @@ class Spent:
         generator_calls: calls to ``generator.generate``.
         verifier_calls: calls to ``verifier.score``.
         scored_steps: step scores the verifier returned (a PRM re-reads every earlier step each call).
+        scored_completions: whole attempts sent to the verifier by the searches that score full solutions
+            (identical completions of one problem count once: they are scored once).
         generator_seconds / verifier_seconds: wall time inside those calls.
         overhead_seconds: wall time outside them: fastsearch's own bookkeeping and selection.
         wall_seconds: the whole search.
@@ -84,6 +101,7 @@ class Spent:
     generator_calls: int = 0
     verifier_calls: int = 0
     scored_steps: int = 0
+    scored_completions: int = 0
     generator_seconds: float = 0.0
     verifier_seconds: float = 0.0
     overhead_seconds: float = 0.0
@@ -98,6 +116,7 @@ class Spent:
             generator_calls=self.generator_calls + other.generator_calls,
             verifier_calls=self.verifier_calls + other.verifier_calls,
             scored_steps=self.scored_steps + other.scored_steps,
+            scored_completions=self.scored_completions + other.scored_completions,
             generator_seconds=self.generator_seconds + other.generator_seconds,
             verifier_seconds=self.verifier_seconds + other.verifier_seconds,
             overhead_seconds=self.overhead_seconds + other.overhead_seconds,
