@@ -177,19 +177,9 @@ def revisions(problems: Sequence[str], generator: Generator, verifier: AnswerVer
                   else run.score_completions(owner, attempts))
         picks = _chain_picks(keys, scores, chain_length, select)
         chosen = _across_chains(keys, scores, picks, groups, chains, across)
-        picked = chosen.tolist()
-        return SearchResult(
-            completions=[attempts[i] if i >= 0 else "" for i in picked],
-            answers=[answers[i] if i >= 0 else "" for i in picked],
-            chosen=chosen,
-            candidates=attempts,
-            candidate_answers=answers,
-            scores=scores,
-            offsets=torch.arange(0, groups * n + 1, n, dtype=torch.int64),
-            spent=run.spent(),
-            strategy=name,
-            info={"chain_picks": picks, "chains": chains, "chain_length": chain_length},
-        )
+        offsets = torch.arange(0, groups * n + 1, n, dtype=torch.int64)
+        return run.result(chosen, attempts, answers, scores, offsets,
+                          info={"chain_picks": picks, "chains": chains, "chain_length": chain_length})
 
 
 def _default_prompts(chain_problems: list[str], shown_rounds: list[Sequence[str]]) -> list[str]:

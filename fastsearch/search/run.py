@@ -228,18 +228,24 @@ class SearchRun:
             offsets = torch.zeros(self.num_problems + 1, dtype=torch.int64)
             torch.cumsum(valid.sum(-1), 0, out=offsets[1:])
         answers = list(map(self.answer_fn, completions))
-        chosen = self._choose(answers, scores, offsets)
+        return self.result(self._choose(answers, scores, offsets), completions, answers, scores, offsets)
+
+    def result(self, chosen: torch.Tensor, candidates: list[str], answers: list[str], scores: torch.Tensor,
+               offsets: torch.Tensor, info: dict | None = None) -> SearchResult:
+        """The search's result: each problem's pick (``chosen`` [G] flat indices into ``candidates``, -1 for
+        none, which gives an empty completion and answer) among all its scored candidates."""
         picks = chosen.tolist()
         return SearchResult(
-            completions=[completions[i] if i >= 0 else "" for i in picks],
+            completions=[candidates[i] if i >= 0 else "" for i in picks],
             answers=[answers[i] if i >= 0 else "" for i in picks],
             chosen=chosen,
-            candidates=completions,
+            candidates=candidates,
             candidate_answers=answers,
             scores=scores,
             offsets=offsets,
             spent=self.spent(),
             strategy=self.strategy,
+            info={} if info is None else info,
         )
 
     def _choose(self, answers: list[str], scores: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
