@@ -62,7 +62,7 @@ cuda-check: $(STAMP)
 
 # The tests run as `python -m pytest` from the repository root on purpose: the root is then on sys.path,
 # as it is for any script started here, and the suite checks that nothing there shadows an installed package.
-test: install cuda-check
+test: install cuda-check lint
 	FASTSEARCH_CONSTRAINTS=$(CONSTRAINTS) $(PY) -m pytest -q tests
 	$(MAKE) --no-print-directory dist-check
 
@@ -84,7 +84,7 @@ bench: install
 	$(VENV)/bin/fastsearch bench --dtype float32,float16,bfloat16 --csv auto
 
 lint: install
-	$(PIP) install --quiet ruff
+	$(PIP) install --quiet $(PIN) ruff
 	$(VENV)/bin/ruff check fastsearch kernels tests benchmarks
 
 clean:

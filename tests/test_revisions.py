@@ -303,7 +303,8 @@ def test_identical_completions_are_scored_once():
     verifier = OutcomeVerifier()
     result = best_of_n(PROBLEMS, Repeating(), verifier, n=6, vote="weighted", seed=0)
     (problems, completions), = verifier.calls
-    assert len(completions) == 2 * len(PROBLEMS) and len(set(zip(problems, completions))) == len(completions)
+    assert len(completions) == 2 * len(PROBLEMS)
+    assert len(set(zip(problems, completions, strict=True))) == len(completions)
     assert result.spent.scored_completions == 2 * len(PROBLEMS)
     expected = [_score(PROBLEMS[i // 6], t) for i, t in enumerate(result.candidates)]
     torch.testing.assert_close(result.scores, torch.tensor(expected))

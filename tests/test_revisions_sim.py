@@ -58,7 +58,7 @@ def test_hard_revisions_repeat_wrong_answers():
 
     def repeat_rate(level):
         pairs = [(a, b) for g, chain in enumerate(answers) if PROBLEMS[g].level == level
-                 for a, b in zip(chain, chain[1:]) if a != PROBLEMS[g].answer]
+                 for a, b in zip(chain, chain[1:], strict=False) if a != PROBLEMS[g].answer]
         return sum(a == b for a, b in pairs) / len(pairs)
 
     assert repeat_rate(4) > repeat_rate(2) + 0.15

@@ -60,10 +60,7 @@ def run(out_dir: pathlib.Path, *, quick: bool = False, progress: bool = True) ->
     out_dir.mkdir(parents=True, exist_ok=True)
     budgets = QUICK_BUDGETS if quick else BUDGETS
     count = QUICK_PROBLEMS if quick else PROBLEMS
-    validation, test = reasoning.make_problems(count, seed=1), reasoning.make_problems(count, seed=2)
-    texts = [p.text for p in test]
-    levels = torch.tensor([p.level for p in test])
-    generator, prm = reasoning.SimulatedGenerator(), reasoning.SimulatedPRM()
+    validation, test, texts, levels, generator, prm = llm_tradeoff.simulated_task(count)
     options = {"vote": "weighted", "answer_fn": reasoning.extract_answer}
     strategies = default_strategies(max_steps=reasoning.MAX_STEPS + 2)
     policy = ComputeOptimal(strategies, bins=reasoning.LEVELS, options=options)

@@ -36,6 +36,14 @@ def _by_level(right: torch.Tensor, levels: torch.Tensor) -> dict[str, float]:
     return rows
 
 
+
+def simulated_task(count: int):
+    """The demos' task: ``count`` validation problems (seed 1) and ``count`` test problems (seed 2), the test
+    problems' texts and difficulty levels ([count] int64), and the simulated generator and PRM."""
+    validation, test = reasoning.make_problems(count, seed=1), reasoning.make_problems(count, seed=2)
+    levels = torch.tensor([p.level for p in test])
+    return validation, test, [p.text for p in test], levels, reasoning.SimulatedGenerator(), reasoning.SimulatedPRM()
+
 def run(out_dir: pathlib.Path, *, quick: bool = False, progress: bool = True) -> dict:
     """Measure the trade-off, print its tables and write ``out_dir / "llm_tradeoff.png"``.
 
@@ -50,10 +58,7 @@ def run(out_dir: pathlib.Path, *, quick: bool = False, progress: bool = True) ->
     budgets = QUICK_BUDGETS if quick else BUDGETS
     bon_budgets = QUICK_BON_BUDGETS if quick else BON_BUDGETS
     count = QUICK_PROBLEMS if quick else PROBLEMS
-    validation, test = reasoning.make_problems(count, seed=1), reasoning.make_problems(count, seed=2)
-    texts = [p.text for p in test]
-    levels = torch.tensor([p.level for p in test])
-    generator, prm = reasoning.SimulatedGenerator(), reasoning.SimulatedPRM()
+    validation, test, texts, levels, generator, prm = simulated_task(count)
     lengths = [1 << k for k in range(budgets[-1].bit_length())]
     ratios: dict[int, dict[str, list[float]]] = {}
     for length in lengths:

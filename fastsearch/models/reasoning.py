@@ -330,7 +330,7 @@ class SimulatedGenerator:
         seed = resolve_seed(seed)
         problem = np.fromiter(map(self._problems.find, prompts), dtype=np.int64, count=len(prompts))
         codes, seen, previous = (np.array(column, dtype=dtype) for column, dtype in zip(
-            zip(*map(_prompt_state, prompts)), (np.uint64, np.int64, np.uint64), strict=True))
+            zip(*map(_prompt_state, prompts), strict=True), (np.uint64, np.int64, np.uint64), strict=True))
         if np.any(codes & np.uint64(_ANSWER)):
             raise ValueError("a prompt already ends with its answer step: nothing is left to generate")
         per_sample = np.repeat(problem, n)

@@ -233,7 +233,7 @@ def _check_aggregate_steps(step_scores, step_offsets, how, empty):
         raise ValueError(f"step_scores must be flat [S] when offsets are given, got shape "
                          f"{list(step_scores.shape)}")
     if step_offsets.device != step_scores.device:
-        raise ValueError(f"offsets is on {offsets.device} but step_scores is on {step_scores.device}")
+        raise ValueError(f"offsets is on {step_offsets.device} but step_scores is on {step_scores.device}")
     _check_step_offsets(step_offsets, step_scores.numel(), empty)
 
 
@@ -244,7 +244,7 @@ def _check_prm_scores(hidden_states, step_positions, step_offsets, head_weight, 
         raise ValueError(f"method must be 0..{len(AGGREGATIONS) - 1}, got {how}")
     _check_int64_vector("offsets", step_offsets)
     if step_offsets.device != hidden_states.device:
-        raise ValueError(f"offsets is on {offsets.device} but hidden_states is on {hidden_states.device}")
+        raise ValueError(f"offsets is on {step_offsets.device} but hidden_states is on {hidden_states.device}")
     _check_step_offsets(step_offsets, step_positions.numel(), empty)
 
 

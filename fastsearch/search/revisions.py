@@ -161,7 +161,7 @@ def revisions(problems: Sequence[str], generator: Generator, verifier: AnswerVer
                 prompts = _default_prompts(chain_problems, shown_rounds)
             else:
                 # zip over the last rounds builds every chain's history tuple in C
-                shown = list(zip(*shown_rounds)) if shown_rounds else no_history
+                shown = list(zip(*shown_rounds, strict=True)) if shown_rounds else no_history
                 prompts = list(map(revision_prompt, chain_problems, shown))
             if not all(map(isinstance, prompts, repeat(str))):
                 wrong = next(i for i, prompt in enumerate(prompts) if not isinstance(prompt, str))
@@ -169,7 +169,7 @@ def revisions(problems: Sequence[str], generator: Generator, verifier: AnswerVer
                                 f"{wrong % chains} of problem {wrong // chains}")
             texts, _, _ = run.generate(prompts, chain_owner, n=1, stop=None)
             rounds.append(texts)
-        attempts = list(chain.from_iterable(zip(*rounds)))  # problem, chain, round order
+        attempts = list(chain.from_iterable(zip(*rounds, strict=True)))  # problem, chain, round order
         owner = np.repeat(np.arange(groups, dtype=np.int64), n)
         answers = list(map(run.answer_fn, attempts))
         keys = torch.from_numpy(answer_keys(answers))

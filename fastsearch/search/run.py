@@ -169,8 +169,8 @@ class SearchRun:
         if not completions:
             return torch.zeros(0, dtype=torch.float32)
         ids: dict[tuple[int, str], int] = {}
-        inverse = as_numpy(list(map(ids.setdefault, zip(owner.tolist(), completions), range(len(completions)))),
-                           np.int64)
+        pairs = zip(owner.tolist(), completions, strict=True)
+        inverse = as_numpy(list(map(ids.setdefault, pairs, range(len(completions)))), np.int64)
         unique = np.unique(inverse)  # first occurrence of each distinct (problem, completion), in order
         distinct = unique.size < len(completions)
         unique_owner = owner[unique] if distinct else owner
