@@ -237,3 +237,16 @@ def test_sequence_keys_one_sequence_and_dense(device, backend):
     assert fastsearch.sequence_keys(tokens[:, :0], backend=backend).shape == (3,)
     with pytest.raises(ValueError, match=r"token_ids must be \[N, L\]"):
         fastsearch.sequence_keys(tokens[None], backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["torch"])
+def test_offsets_on_another_device_are_named(backend):
+    """The error names `offsets` (the public word) and both devices; it once named an undefined variable."""
+    steps = torch.tensor([0.9, 0.8, 0.3, 0.7])
+    offsets = torch.tensor([0, 3, 4], device="meta")
+    with pytest.raises((ValueError, RuntimeError), match="offsets"):
+        fastsearch.aggregate_steps(steps, offsets=offsets, method="min", backend=backend)
+    hidden, head = torch.randn(5, 4), torch.randn(2, 4)
+    with pytest.raises((ValueError, RuntimeError), match="offsets"):
+        fastsearch.prm_scores(hidden, torch.tensor([1, 3]), head, offsets=torch.tensor([0, 1, 2], device="meta"),
+                              backend=backend)
