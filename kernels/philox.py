@@ -34,7 +34,8 @@ def _unit_open(r):
 
 @triton.jit
 def _box_muller(r_radius, r_angle):
-    radius = tl.sqrt(-2.0 * tl.log(_unit_open(r_radius)))
+    # sqrt_rn: correctly rounded, as on the other backends (tl.sqrt compiles to sqrt.approx on a GPU).
+    radius = tl.sqrt_rn(-2.0 * tl.log(_unit_open(r_radius)))
     angle = _unit_open(r_angle) * 6.283185307179586
     return radius * tl.cos(angle), radius * tl.sin(angle)
 
