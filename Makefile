@@ -17,7 +17,7 @@ STAMP := $(VENV)/.installed
 PIN := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 SOURCES := setup.py pyproject.toml $(CONSTRAINTS) $(wildcard csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh)
 
-.PHONY: install demo test test-latest dist-check bench lint cuda-check clean
+.PHONY: install demo test test-latest dist-check bench lint cuda-check gpu-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -83,9 +83,15 @@ bench: install
 	$(PY) -m pytest -q benchmarks --benchmark-enable --benchmark-columns=median,ops,rounds
 	$(VENV)/bin/fastsearch bench --dtype float32,float16,bfloat16 --csv auto
 
+# On a machine with a CUDA GPU, one call verifies it (.ci/gpu_check.py): build, the whole suite on the GPU,
+# compute-sanitizer over every CUDA kernel, the compiled Triton kernels, and `fastsearch bench` into
+# benchmarks/results/<device>.csv; one summary at the end. It uses $(PYTHON) as it is (torch already there).
+gpu-check:
+	$(PYTHON) .ci/gpu_check.py
+
 lint: install
 	$(PIP) install --quiet $(PIN) ruff
-	$(VENV)/bin/ruff check fastsearch kernels tests benchmarks
+	$(VENV)/bin/ruff check fastsearch kernels tests benchmarks .ci
 
 clean:
 	rm -rf build dist *.egg-info fastsearch/_C*.so
