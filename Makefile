@@ -38,17 +38,19 @@ demo: install
 	$(VENV)/bin/fastsearch info
 	$(VENV)/bin/fastsearch demo --out demo-output
 
-# Every CUDA source must compile for $(CUDA_ARCH), GPU or not: the .cu files with nvcc (they include no torch
-# header), and the torch bindings (*_binding.cpp) with the host compiler against the installed torch's headers,
+# Every CUDA source must compile for $(CUDA_ARCH), GPU or not: the .cu files with nvcc and the flags a torch
+# extension build adds (-D__CUDA_NO_HALF_OPERATORS__ and the like; the .cu files include no torch header), and the torch bindings (*_binding.cpp) with the host compiler against the installed torch's headers,
 # syntax only (a CPU torch ships the c10/cuda headers but not the build-generated cuda_cmake_macros.h, which an
 # empty stand-in replaces; nothing is linked).
 cuda-check: $(STAMP)
 	@if [ -z "$(NVCC)" ]; then echo "cuda-check: nvcc not found, CUDA sources not compiled"; exit 0; fi; \
 	tmp=$$(mktemp -d); status=0; \
+	torch_flags=$$($(PY) -c "from torch.utils.cpp_extension import COMMON_NVCC_FLAGS as f; print(' '.join(f))"); \
 	for f in csrc/cuda/*.cu; do \
 		[ -e "$$f" ] || continue; \
-		echo "nvcc -arch=$(CUDA_ARCH) $$f"; \
-		$(NVCC) -std=c++17 -O3 -arch=$(CUDA_ARCH) -Icsrc -c "$$f" -o "$$tmp/$$(basename $$f).o" || status=1; \
+		echo "nvcc -arch=$(CUDA_ARCH) (with torch's extension flags) $$f"; \
+		$(NVCC) -std=c++17 -O3 -arch=$(CUDA_ARCH) $$torch_flags -Icsrc -c "$$f" -o "$$tmp/$$(basename $$f).o" \
+			|| status=1; \
 	done; \
 	mkdir -p "$$tmp/stub/c10/cuda/impl" && echo '#pragma once' > "$$tmp/stub/c10/cuda/impl/cuda_cmake_macros.h"; \
 	incs=$$($(PY) -c "import sysconfig; from torch.utils.cpp_extension import include_paths; \
