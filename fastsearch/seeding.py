@@ -14,6 +14,9 @@ import enum
 import torch
 
 MAX_SEED = 1 << 63  # seeds are in [0, 2**63): an int64 on every backend
+# Stream positions are in [0, 2**63): a draw of n normals from ``offset`` reads positions offset ... offset + n - 1,
+# so it needs 0 <= offset and offset + n <= 2**63 (an int64 index on every backend, never wrapping around).
+STREAM_LENGTH = 1 << 63
 _MASK64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
 
@@ -44,6 +47,24 @@ def check_seed(seed, name: str = "seed") -> int:
     if not 0 <= seed < MAX_SEED:
         raise ValueError(f"{name} must be in [0, 2**63), got {seed}")
     return seed
+
+
+def check_offset(offset, numel: int, name: str = "offset") -> int:
+    """``offset`` as an int with ``[offset, offset + numel)`` inside the stream ``[0, 2**63)``.
+
+    A 0-d integer tensor is accepted; TypeError / ValueError naming ``name`` otherwise.
+    """
+    if isinstance(offset, torch.Tensor) and offset.dim() == 0 and not offset.is_floating_point() \
+            and offset.dtype != torch.bool:
+        offset = int(offset)
+    if isinstance(offset, bool) or not isinstance(offset, int):
+        raise TypeError(f"{name} must be an int, got {type(offset).__name__}")
+    if not 0 <= offset < STREAM_LENGTH:
+        raise ValueError(f"{name} must be in [0, 2**63), got {offset}")
+    if offset + numel > STREAM_LENGTH:
+        raise ValueError(f"{name} + the number of elements must be at most 2**63 (the stream's length), got {name}="
+                         f"{offset} for {numel} elements")
+    return offset
 
 
 def fresh_seed() -> int:

@@ -62,7 +62,8 @@ def _ddim_step_kernel(sample_ptr, model_output_ptr, noise_ptr, prev_ptr, x0_ptr,
     sqrt_alpha = tl.sqrt(alpha)
     sqrt_beta = tl.sqrt(beta)
     std = eta * tl.sqrt(((1.0 - alpha_prev) / beta) * (1.0 - alpha / alpha_prev))
-    direction = tl.sqrt(tl.maximum(1.0 - alpha_prev - std * std, 0.0))
+    # NaN stays NaN (as torch.clamp and the C++ kernels): eta 0 and alpha_prev < alpha give NaN everywhere.
+    direction = tl.sqrt(tl.maximum(1.0 - alpha_prev - std * std, 0.0, propagate_nan=tl.PropagateNan.ALL))
 
     x = _load(sample_ptr, offsets, mask)
     model_output = _load(model_output_ptr, offsets, mask)
@@ -132,18 +133,22 @@ def _renoise_kernel(sample_ptr, noise_ptr, out_ptr,
     sample, first_counter, offsets, mask = _sample_window(numel_per_sample, windows_per_sample, BLOCK)
     start = _level(start_ptr, start_stride, start_value, sample, START_FROM_TENSOR)
     end = _level(end_ptr, end_stride, end_value, sample, END_FROM_TENSOR)
+    # The noise variance as a product of differences: exactly 0 for equal levels, no cancellation for nearby ones.
     if SCHEDULE == 0:
-        # VP: the levels are alpha_prod, noisier is smaller.
-        ratio = end / start
-        scale = tl.sqrt(ratio)
-        noise_scale = tl.sqrt(tl.maximum(1.0 - ratio, 0.0))
+        # VP: the levels are alpha_prod, noisier is smaller; 1 - to / from = (from - to) / from.
+        scale = tl.sqrt(end / start)
+        variance = (start - end) / start
     else:
-        # Rectified flow x_s = (1 - s) x0 + s noise: keep x0's share, top the noise up to s_to.
+        # Rectified flow x_s = (1 - s) x0 + s noise: keep x0's share, top the noise up to s_to;
+        # to^2 - scale^2 from^2 = (to - scale from)(to + scale from), to - scale from = (to - from) / (1 - from).
         scale = (1.0 - end) / (1.0 - start)
-        noise_scale = tl.sqrt(tl.maximum(end * end - scale * scale * start * start, 0.0))
+        variance = ((end - start) / (1.0 - start)) * (end + scale * start)
+    noise_scale = tl.sqrt(tl.maximum(variance, 0.0, propagate_nan=tl.PropagateNan.ALL))
     x = _load(sample_ptr, offsets, mask)
     noise = _noise(noise_ptr, seed, first_counter, offsets, mask, SEEDED, BLOCK)
-    store_window(out_ptr, offsets, mask, scale * x + noise_scale * noise)
+    kept = scale * x
+    # No noise term where the variance is 0: equal levels return the sample bit for bit.
+    store_window(out_ptr, offsets, mask, tl.where(noise_scale == 0.0, kept, kept + noise_scale * noise))
 
 
 # -- launchers ------------------------------------------------------------------------------------------

@@ -22,15 +22,24 @@ inline std::string python_dtype(at::ScalarType dtype) {
   return "torch." + std::string(c10::getDtypeNames(dtype).first);
 }
 
-inline void check_sample(const at::Tensor& sample, const char* name = "sample") {
-  const auto dtype = sample.scalar_type();
+// A tensor the kernels read or write: defined (a required tensor passed as None arrives undefined), with data
+// (not meta), float32, float16 or bfloat16.
+inline void check_float_dtype(const at::Tensor& tensor, const char* name) {
+  TORCH_CHECK_TYPE(tensor.defined(), name, " must be a tensor, got None");
+  TORCH_CHECK_VALUE(!tensor.is_meta(), name, " is on meta: a meta tensor holds no data for a kernel to read");
+  const auto dtype = tensor.scalar_type();
   TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, name,
                    " must be float32, float16 or bfloat16, got ", python_dtype(dtype));
+}
+
+inline void check_sample(const at::Tensor& sample, const char* name = "sample") {
+  check_float_dtype(sample, name);
   TORCH_CHECK_VALUE(sample.dim() >= 1, name, " must have a batch dimension, got a 0-d tensor");
 }
 
 // `tensor` must look exactly like `sample`: same dtype, shape and device.
 inline void check_like(const at::Tensor& tensor, const at::Tensor& sample, const char* name) {
+  TORCH_CHECK_TYPE(tensor.defined(), name, " must be a tensor, got None");
   TORCH_CHECK_TYPE(tensor.scalar_type() == sample.scalar_type(), name, " has dtype ",
                    python_dtype(tensor.scalar_type()), " but sample has dtype ", python_dtype(sample.scalar_type()));
   TORCH_CHECK_VALUE(tensor.sizes() == sample.sizes(), name, " has shape ", tensor.sizes(),

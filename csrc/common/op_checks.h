@@ -2,6 +2,10 @@
 // compiled backend rejects bad input with the same messages (and the same ones as fastsearch/ops/*.py).
 #pragma once
 
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
 #include "common/checks.h"
 
 namespace fastsearch {
@@ -15,7 +19,8 @@ inline void check_ddim_step_args(const at::Tensor& sample, const at::Tensor& mod
   check_like(model_output, sample, "model_output");
   check_schedule(alpha_prod_t, sample, "alpha_prod_t");
   check_schedule(alpha_prod_t_prev, sample, "alpha_prod_t_prev");
-  TORCH_CHECK_VALUE(eta >= 0, "eta must be non-negative, got ", eta);
+  // Written so that NaN fails: NaN and inf are refused.
+  TORCH_CHECK_VALUE(std::isfinite(eta) && eta >= 0, "eta must be a finite number >= 0, got ", eta);
   check_noise(noise, seed, sample, eta > 0);
   TORCH_CHECK_VALUE(prediction_type >= 0 && prediction_type <= 2,
                     "prediction_type must be 0 (epsilon), 1 (sample) or 2 (v_prediction), got ", prediction_type);
@@ -57,16 +62,23 @@ inline void check_renoise_args(const at::Tensor& sample, const std::optional<at:
   check_noise(noise, seed, sample, true);
 }
 
+// The stream has 2**63 positions (fastsearch/seeding.py): offset >= 0 and offset + numel <= 2**63, so that no
+// backend's int64 element index or uint64 counter wraps around. out may be 0-d (one normal).
 inline void check_randn_fill_args(const at::Tensor& out, int64_t seed, int64_t offset) {
-  check_sample(out, "out");
+  check_float_dtype(out, "out");
   TORCH_CHECK_VALUE(out.is_contiguous(), "out must be contiguous");
   TORCH_CHECK_VALUE(seed >= 0, "seed must be in [0, 2**63), got ", seed);
-  TORCH_CHECK_VALUE(offset >= 0, "offset must be non-negative, got ", offset);
+  TORCH_CHECK_VALUE(offset >= 0, "offset must be in [0, 2**63), got ", offset);
+  const int64_t numel = out.numel();
+  // offset + numel <= 2**63, written without overflow: 2**63 - numel = (INT64_MAX - numel) + 1.
+  TORCH_CHECK_VALUE(numel == 0 || offset <= std::numeric_limits<int64_t>::max() - numel + 1,
+                    "offset + the number of elements must be at most 2**63 (the stream's length), got offset=", offset,
+                    " for ", numel, " elements");
 }
 
 inline void check_zo_neighbors_args(const at::Tensor& pivot, int64_t num_neighbors, double cos_sim, int64_t seed) {
   check_sample(pivot, "pivot");
-  TORCH_CHECK_VALUE(pivot.size(0) == 0 || pivot.numel() / pivot.size(0) >= 2,
+  TORCH_CHECK_VALUE(pivot.numel() == 0 || pivot.numel() / pivot.size(0) >= 2,
                     "pivot needs at least 2 elements per sample (a direction orthogonal to it), got shape ",
                     pivot.sizes());
   TORCH_CHECK_VALUE(num_neighbors >= 1, "num_neighbors must be at least 1, got ", num_neighbors);

@@ -25,8 +25,6 @@
 namespace fastsearch::cpu {
 namespace {
 
-using at::vec::fmadd;
-
 // Borrowed views skip the dispatcher where the inputs are already contiguous (the usual case), and
 // outputs come from the CPU allocator directly: on small tensors these calls are most of the cost.
 using Contiguous = c10::MaybeOwned<at::Tensor>;
@@ -55,35 +53,30 @@ NoiseSource<scalar_t> noise_source(const at::Tensor& noise, std::optional<int64_
   return source;
 }
 
-// DDIM for one sample as affine maps of x = sample, m = model_output and the noise z:
-//   x0 = clamp(x0_x x + x0_m m), eps = eps_x x + eps_m m + eps_x0 x0, prev = prev_x0 x0 + prev_eps eps + prev_z z.
+// Every step evaluates the reference's expression (fastsearch/ops/steps.py), operation for operation and
+// in the same order, without fused multiply-adds: NaN and inf then come out where the reference's do
+// (0 * inf is NaN, so no term the reference leaves out is computed as "0 times" something here).
+
+// max(value, low) that keeps a NaN value NaN, as torch.clamp(min=low) does.
+inline float max_keep_nan(float value, float low) { return value < low ? low : value; }
+
+// clamp(value, low, high) that keeps NaN NaN, as torch.clamp does (at::vec::clamp loses NaN in the default
+// build; at::vec::maximum / minimum propagate it in every build).
+inline FloatVec clamp_keep_nan(const FloatVec& value, const FloatVec& low, const FloatVec& high) {
+  return at::vec::minimum(at::vec::maximum(value, low), high);
+}
+
+// DDIM's per-sample scalars, as the reference computes them in fp32.
 struct DdimCoefficients {
-  float x0_x, x0_m, eps_x, eps_m, eps_x0, prev_x0, prev_eps, prev_z;
+  float sqrt_alpha, sqrt_beta, sqrt_alpha_prev, direction, std_dev;
 };
 
-DdimCoefficients ddim_coefficients(float alpha, float alpha_prev, float eta, int64_t prediction_type,
-                                   bool eps_from_clipped_x0) {
+DdimCoefficients ddim_coefficients(float alpha, float alpha_prev, float eta) {
   const float beta = 1.0f - alpha;
-  const float sqrt_alpha = std::sqrt(alpha);
-  const float sqrt_beta = std::sqrt(beta);
-  DdimCoefficients c{};
-  if (prediction_type == 0) {  // epsilon
-    c = {1.0f / sqrt_alpha, -sqrt_beta / sqrt_alpha, 0.0f, 1.0f, 0.0f};
-  } else if (prediction_type == 1) {  // sample
-    c = {0.0f, 1.0f, 1.0f / sqrt_beta, -sqrt_alpha / sqrt_beta, 0.0f};
-  } else {  // v_prediction
-    c = {sqrt_alpha, -sqrt_beta, sqrt_beta, sqrt_alpha, 0.0f};
-  }
-  if (eps_from_clipped_x0) {
-    c.eps_x = 1.0f / sqrt_beta;
-    c.eps_m = 0.0f;
-    c.eps_x0 = -sqrt_alpha / sqrt_beta;
-  }
+  // eta 0 still multiplies the square root: alpha_prev < alpha gives NaN, as in the reference and diffusers.
   const float std_dev = eta * std::sqrt(((1.0f - alpha_prev) / beta) * (1.0f - alpha / alpha_prev));
-  c.prev_x0 = std::sqrt(alpha_prev);
-  c.prev_eps = std::sqrt(std::max(1.0f - alpha_prev - std_dev * std_dev, 0.0f));
-  c.prev_z = std_dev;
-  return c;
+  return {std::sqrt(alpha), std::sqrt(beta), std::sqrt(alpha_prev),
+          std::sqrt(max_keep_nan(1.0f - alpha_prev - std_dev * std_dev, 0.0f)), std_dev};
 }
 
 // Writes DDIM into prev and x0 (contiguous, like sample); the arguments are checked.
@@ -112,48 +105,60 @@ void ddim_step_into(const at::Tensor& sample, const at::Tensor& model_output,
     const FloatVec low(-clip_bound), high(clip_bound);
     for_each_piece(x->numel(), elements_per_sample(*x), noise_source<scalar_t>(*z, seed, draws),
                    [&](int64_t sample_index, int64_t first, int64_t count, const float* piece_noise) {
-      const DdimCoefficients c = ddim_coefficients(alpha.at(sample_index), alpha_prev.at(sample_index),
-                                                   static_cast<float>(eta), prediction_type, eps_from_clipped_x0);
-      const FloatVec x0_x(c.x0_x), x0_m(c.x0_m), eps_x(c.eps_x), eps_m(c.eps_m), eps_x0(c.eps_x0);
-      const FloatVec prev_x0(c.prev_x0), prev_eps(c.prev_eps), prev_z(c.prev_z);
+      const DdimCoefficients c =
+          ddim_coefficients(alpha.at(sample_index), alpha_prev.at(sample_index), static_cast<float>(eta));
+      const FloatVec sqrt_alpha(c.sqrt_alpha), sqrt_beta(c.sqrt_beta), sqrt_alpha_prev(c.sqrt_alpha_prev);
+      const FloatVec direction(c.direction), std_dev(c.std_dev);
       map_blocks<scalar_t, 2, 2>(
           {prev_data + first, x0_data + first}, {x_data + first, m_data + first}, piece_noise, count,
           [&](const std::array<FloatVec, 2>& in, const FloatVec& noise_value) {
-            const FloatVec pred_x0 = at::vec::clamp(fmadd(in[0], x0_x, in[1] * x0_m), low, high);
-            const FloatVec eps = fmadd(in[0], eps_x, fmadd(in[1], eps_m, pred_x0 * eps_x0));
-            const FloatVec prev_value = fmadd(pred_x0, prev_x0, fmadd(eps, prev_eps, noise_value * prev_z));
+            const FloatVec& xv = in[0];
+            const FloatVec& mv = in[1];
+            FloatVec pred_x0, eps;
+            if (prediction_type == 0) {  // epsilon
+              pred_x0 = (xv - sqrt_beta * mv) / sqrt_alpha;
+              eps = mv;
+            } else if (prediction_type == 1) {  // sample
+              pred_x0 = mv;
+              eps = (xv - sqrt_alpha * pred_x0) / sqrt_beta;
+            } else {  // v_prediction
+              pred_x0 = sqrt_alpha * xv - sqrt_beta * mv;
+              eps = sqrt_alpha * mv + sqrt_beta * xv;
+            }
+            if (clip) {
+              pred_x0 = clamp_keep_nan(pred_x0, low, high);
+              if (eps_from_clipped_x0) eps = (xv - sqrt_alpha * pred_x0) / sqrt_beta;
+            }
+            FloatVec prev_value = sqrt_alpha_prev * pred_x0 + direction * eps;
+            if (draws) prev_value = prev_value + std_dev * noise_value;
             return std::array<FloatVec, 2>{prev_value, pred_x0};
           });
     });
   }), at::kFloat, at::kHalf, at::kBFloat16);
 }
 
-// out = sum_k w_k inputs[k] + w_z z per element, with (w_0, ..., w_z) = weights(sample) per sample: the
-// shape of every step but DDIM. inputs[0] is the sample; `noise` is contiguous or undefined; `out` is
-// contiguous, like the sample.
-template <size_t kInputs, typename Weights>
-void affine_step(const std::array<const at::Tensor*, kInputs>& inputs, const at::Tensor& noise,
-                 std::optional<int64_t> seed, bool draws, const Weights& weights, at::Tensor& out) {
+// out[i] = math(per-sample coefficients, inputs[..][i], noise[i]) for a step with one output: inputs[0] is the
+// sample; `noise` is contiguous or undefined; `out` is contiguous, like the sample. coefficients(sample_index)
+// returns the sample's scalars; math(coefficients as FloatVecs, inputs, noise) the element's value.
+template <size_t kInputs, size_t kCoefficients, typename Coefficients, typename Math>
+void map_step(const std::array<const at::Tensor*, kInputs>& inputs, const at::Tensor& noise,
+              std::optional<int64_t> seed, bool draws, const Coefficients& coefficients, const Math& math,
+              at::Tensor& out) {
   const at::Tensor& x = *inputs[0];
-  AT_DISPATCH_V2(x.scalar_type(), "affine_step", AT_WRAP([&] {
+  AT_DISPATCH_V2(x.scalar_type(), "map_step", AT_WRAP([&] {
     std::array<const scalar_t*, kInputs> input_data;
     for (size_t k = 0; k < kInputs; ++k) input_data[k] = inputs[k]->template const_data_ptr<scalar_t>();
     scalar_t* out_data = out.mutable_data_ptr<scalar_t>();
     for_each_piece(x.numel(), elements_per_sample(x), noise_source<scalar_t>(noise, seed, draws),
                    [&](int64_t sample_index, int64_t first, int64_t count, const float* piece_noise) {
-      const std::array<float, kInputs + 1> w = weights(sample_index);
-      std::array<FloatVec, kInputs> input_weights;
+      const std::array<float, kCoefficients> scalars = coefficients(sample_index);
+      std::array<FloatVec, kCoefficients> c;
+      for (size_t k = 0; k < kCoefficients; ++k) c[k] = FloatVec(scalars[k]);
       std::array<const scalar_t*, kInputs> piece_inputs;
-      for (size_t k = 0; k < kInputs; ++k) {
-        input_weights[k] = FloatVec(w[k]);
-        piece_inputs[k] = input_data[k] + first;
-      }
-      const FloatVec noise_weight(w[kInputs]);
+      for (size_t k = 0; k < kInputs; ++k) piece_inputs[k] = input_data[k] + first;
       map_blocks<scalar_t, 1, kInputs>({out_data + first}, piece_inputs, piece_noise, count,
                                        [&](const std::array<FloatVec, kInputs>& in, const FloatVec& noise_value) {
-                                         FloatVec sum = noise_value * noise_weight;
-                                         for (size_t k = 0; k < kInputs; ++k) sum = fmadd(in[k], input_weights[k], sum);
-                                         return std::array<FloatVec, 1>{sum};
+                                         return std::array<FloatVec, 1>{math(c, in, noise_value)};
                                        });
     });
   }), at::kFloat, at::kHalf, at::kBFloat16);
@@ -170,13 +175,23 @@ void flow_euler_step_into(const at::Tensor& sample, const at::Tensor& velocity,
   at::Tensor sigma_values, sigma_next_values;
   const ScheduleValue level = schedule_value(sigma, sigma_value, sigma_values);
   const ScheduleValue level_next = schedule_value(sigma_next, sigma_next_value, sigma_next_values);
-  affine_step<2>({&*x, &*v}, *z, seed, stochastic, [&](int64_t sample_index) {
-    const float s = level.at(sample_index);
-    const float s_next = level_next.at(sample_index);
-    if (!stochastic) return std::array<float, 3>{1.0f, s_next - s, 0.0f};  // x + (s' - s) v
-    const float keep = 1.0f - s_next;
-    return std::array<float, 3>{keep, -keep * s, s_next};  // (1 - s') (x - s v) + s' z
-  }, out);
+  const auto coefficients = [&](int64_t sample_index) {
+    return std::array<float, 2>{level.at(sample_index), level_next.at(sample_index)};
+  };
+  if (stochastic) {  // (1 - s') (x - s v) + s' z
+    map_step<2, 2>({&*x, &*v}, *z, seed, true, coefficients,
+                   [](const std::array<FloatVec, 2>& c, const std::array<FloatVec, 2>& in, const FloatVec& noise_value) {
+                     return (FloatVec(1.0f) - c[1]) * (in[0] - c[0] * in[1]) + c[1] * noise_value;
+                   }, out);
+  } else {  // x + (s' - s) v
+    map_step<2, 1>({&*x, &*v}, *z, seed, false,
+                   [&](int64_t sample_index) {
+                     return std::array<float, 1>{level_next.at(sample_index) - level.at(sample_index)};
+                   },
+                   [](const std::array<FloatVec, 1>& c, const std::array<FloatVec, 2>& in, const FloatVec&) {
+                     return in[0] + c[0] * in[1];
+                   }, out);
+  }
 }
 
 void flow_heun_step_into(const at::Tensor& sample, const at::Tensor& velocity, const at::Tensor& velocity_next,
@@ -188,11 +203,29 @@ void flow_heun_step_into(const at::Tensor& sample, const at::Tensor& velocity, c
   at::Tensor sigma_values, sigma_next_values;
   const ScheduleValue level = schedule_value(sigma, sigma_value, sigma_values);
   const ScheduleValue level_next = schedule_value(sigma_next, sigma_next_value, sigma_next_values);
-  affine_step<3>({&*x, &*v, &*v_next}, at::Tensor(), std::nullopt, false,
-                 [&](int64_t sample_index) {
-                   const float half_step = (level_next.at(sample_index) - level.at(sample_index)) * 0.5f;
-                   return std::array<float, 4>{1.0f, half_step, half_step, 0.0f};  // x + h (v1 + v2)
+  map_step<3, 1>({&*x, &*v, &*v_next}, at::Tensor(), std::nullopt, false,
+                 [&](int64_t sample_index) {  // (s' - s) / 2
+                   return std::array<float, 1>{(level_next.at(sample_index) - level.at(sample_index)) * 0.5f};
+                 },
+                 [](const std::array<FloatVec, 1>& c, const std::array<FloatVec, 3>& in, const FloatVec&) {
+                   return in[0] + c[0] * (in[1] + in[2]);  // x + h (v1 + v2)
                  }, out);
+}
+
+// The re-noising scale of the sample and of the noise. The noise variance is written as a product of
+// differences, so that it is exactly 0 for equal levels and suffers no cancellation for nearby ones:
+//   vp:   1 - to / from = (from - to) / from
+//   flow: to^2 - scale^2 from^2 = (to - scale from)(to + scale from), to - scale from = (to - from) / (1 - from).
+std::array<float, 2> renoise_coefficients(int64_t schedule, float from, float to) {
+  float scale, variance;
+  if (schedule == 0) {  // vp: levels are alpha_prod
+    scale = std::sqrt(to / from);
+    variance = (from - to) / from;
+  } else {  // flow: levels are sigmas
+    scale = (1.0f - to) / (1.0f - from);
+    variance = ((to - from) / (1.0f - from)) * (to + scale * from);
+  }
+  return {scale, std::sqrt(max_keep_nan(variance, 0.0f))};
 }
 
 void renoise_into(const at::Tensor& sample, const std::optional<at::Tensor>& level_from, double level_from_value,
@@ -203,17 +236,15 @@ void renoise_into(const at::Tensor& sample, const std::optional<at::Tensor>& lev
   at::Tensor level_from_values, level_to_values;
   const ScheduleValue start = schedule_value(level_from, level_from_value, level_from_values);
   const ScheduleValue end = schedule_value(level_to, level_to_value, level_to_values);
-  affine_step<1>({&*x}, *z, seed, true, [&](int64_t sample_index) {
-    const float from = start.at(sample_index);
-    const float to = end.at(sample_index);
-    if (schedule == 0) {  // vp: levels are alpha_prod
-      const float ratio = to / from;
-      return std::array<float, 2>{std::sqrt(ratio), std::sqrt(std::max(1.0f - ratio, 0.0f))};
-    }
-    // flow: levels are sigmas
-    const float scale = (1.0f - to) / (1.0f - from);
-    return std::array<float, 2>{scale, std::sqrt(std::max(to * to - scale * scale * from * from, 0.0f))};
-  }, out);
+  map_step<1, 2>({&*x}, *z, seed, true,
+                 [&](int64_t sample_index) {
+                   return renoise_coefficients(schedule, start.at(sample_index), end.at(sample_index));
+                 },
+                 [](const std::array<FloatVec, 2>& c, const std::array<FloatVec, 1>& in, const FloatVec& noise_value) {
+                   const FloatVec kept = c[0] * in[0];
+                   // No noise term where its scale is 0: equal levels return the sample bit for bit.
+                   return FloatVec::blendv(kept + c[1] * noise_value, kept, c[1] == FloatVec(0.0f));
+                 }, out);
 }
 
 // The CPU writers of the step entry points (common/step_entries.h).

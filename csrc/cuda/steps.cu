@@ -159,20 +159,29 @@ struct Renoise {
   };
 
   __device__ Coeffs coeffs(int64_t sample) const {
+    // The noise variance as a product of differences (as every backend computes it): exactly 0 for equal
+    // levels, no cancellation for nearby ones. vp: 1 - to / from = (from - to) / from; flow:
+    // to^2 - scale^2 from^2 = (to - scale from)(to + scale from) with to - scale from = (to - from) / (1 - from).
     const float from = level_from.at(sample);
     const float to = level_to.at(sample);
+    float scale;
+    float variance;
     if (schedule == RenoiseSchedule::kVp) {
-      const float ratio = to / from;
-      return Coeffs{sqrtf(ratio), sqrtf(clamp_min(1.0f - ratio, 0.0f))};
+      scale = sqrtf(to / from);
+      variance = (from - to) / from;
+    } else {
+      scale = (1.0f - to) / (1.0f - from);
+      variance = ((to - from) / (1.0f - from)) * (to + scale * from);
     }
-    const float scale = (1.0f - to) / (1.0f - from);
-    return Coeffs{scale, sqrtf(clamp_min(to * to - scale * scale * from * from, 0.0f))};
+    return Coeffs{scale, sqrtf(clamp_min(variance, 0.0f))};  // clamp_min keeps NaN
   }
 
   template <bool kWithNoise>
   __device__ void apply(const Coeffs& c, const float (&in)[kInputs], float noise, float (&out)[kOutputs]) const {
     static_assert(kWithNoise, "re-noising always draws noise");
-    out[0] = c.scale * in[0] + c.noise_scale * noise;
+    const float kept = c.scale * in[0];
+    // No noise term where its scale is 0: equal levels return the sample bit for bit.
+    out[0] = c.noise_scale == 0.0f ? kept : kept + c.noise_scale * noise;
   }
 };
 

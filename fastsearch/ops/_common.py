@@ -21,7 +21,7 @@ class Op:
     C++ op (which validates in C++) or validate in Python and call the Triton op or the reference.
     """
 
-    __slots__ = ("name", "native", "triton", "check", "reference")
+    __slots__ = ("name", "native", "triton", "check", "reference", "tensor_args")
 
     def __init__(self, name: str, triton: Callable, check: Callable, reference: Callable, fake: Callable):
         for op in (f"fastsearch::{name}", triton):
@@ -31,8 +31,10 @@ class Op:
         self.triton = triton
         self.check = check
         self.reference = reference
+        self.tensor_args = tensor_positions(self.native._schema)
 
     def run(self, backend: str, device: torch.device, *args):
+        check_readable(self.tensor_args, args, device)
         which = _backend.resolve(backend, device, self.name)
         if which == "cpu" or which == "cuda":
             return self.native(*args)
@@ -40,6 +42,42 @@ class Op:
         if which == "triton":
             return self.triton(*args)
         return self.reference(*args)
+
+
+def tensor_positions(schema) -> tuple[tuple[int, str, bool], ...]:
+    """``(position, name, required)`` of every tensor argument of an op schema, in order."""
+    found = []
+    for position, argument in enumerate(schema.arguments):
+        kind = str(argument.type)
+        if kind in ("Tensor", "Optional[Tensor]"):
+            found.append((position, argument.name, kind == "Tensor"))
+    return tuple(found)
+
+
+def check_readable(tensor_args, args, device: torch.device, names: dict[str, str] | None = None) -> None:
+    """Every tensor argument is a tensor (None only where optional) with data on ``device``.
+
+    Run before any backend is picked, for every op: a meta tensor (no data) or one on another device would
+    otherwise reach a kernel that reads its pointer, or a fake that returns uninitialised memory. ``names``
+    renames arguments in the messages (the out= outputs). TypeError / ValueError naming the argument.
+    """
+    first = None
+    for position, name, required in tensor_args:
+        tensor = args[position]
+        label = names.get(name, name) if names else name
+        if not isinstance(tensor, torch.Tensor):
+            if tensor is None and not required:
+                continue
+            expected = "a tensor" if required else "a tensor or None"
+            raise TypeError(f"{label} must be {expected}, got {type(tensor).__name__}")
+        if tensor.device.type == "meta":
+            raise ValueError(f"{label} is on meta: a meta tensor holds no data for a kernel to read (torch.compile "
+                             "traces fastsearch ops through their fake implementations without one)")
+        if tensor.device != device:
+            where = f"{first} is on {device}" if first is not None else f"the op runs on {device}"
+            raise ValueError(f"{label} is on {tensor.device} but {where}; every tensor must be on one device")
+        if first is None:
+            first = label
 
 
 # -- arguments of the public functions ----------------------------------------------------------------
@@ -69,11 +107,16 @@ def method_code(name: str, value, table: dict[str, int]) -> int:
 def schedule_arg(value, name: str, sample: torch.Tensor) -> tuple[torch.Tensor | None, float]:
     """Turn a float, 0-d tensor or [B] tensor into the ops' ``(Tensor? t, float value)`` pair."""
     if isinstance(value, float | int) and not isinstance(value, bool):
-        return None, float(value)
+        try:
+            return None, float(value)
+        except OverflowError:
+            raise ValueError(f"{name} is too large for a float: {value}") from None
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a float, a 0-d tensor or a tensor of shape [B], got {type(value).__name__}")
     if not value.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
+    if value.device.type == "meta":
+        raise ValueError(f"{name} is on meta: a meta tensor holds no data for a kernel to read")
     if value.dim() == 0:
         if value.device.type == "cpu" or value.device != sample.device:
             return None, float(value)

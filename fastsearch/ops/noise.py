@@ -11,8 +11,11 @@ import math
 
 import torch
 
+from fastsearch.checks import FLOAT_DTYPES, check_float
 from fastsearch.ops._common import Op, check_sample, int_arg, lib, tensor_arg
-from fastsearch.seeding import check_seed
+from fastsearch.seeding import check_offset, check_seed
+
+_INT64_MAX = (1 << 63) - 1
 
 _MASK32 = 0xFFFFFFFF
 _ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
@@ -91,6 +94,8 @@ def _randn_fill_reference(out: torch.Tensor, seed: int, offset: int) -> None:
 
 def _zo_neighbors_reference(pivot: torch.Tensor, num_neighbors: int, cos_sim: float, seed: int) -> torch.Tensor:
     batch = pivot.shape[0]
+    if pivot.numel() == 0:  # no pivot, or pivots of no elements: nothing to draw
+        return pivot.new_empty((batch, num_neighbors) + tuple(pivot.shape[1:]))
     x = pivot.float().reshape(batch, 1, -1)
     dim = x.shape[-1]
     g = randn_reference(batch * num_neighbors * dim, seed, 0, pivot.device).view(batch, num_neighbors, dim)
@@ -109,16 +114,17 @@ def _zo_neighbors_reference(pivot: torch.Tensor, num_neighbors: int, cos_sim: fl
 
 
 def _check_randn_fill(out: torch.Tensor, seed: int, offset: int) -> None:
-    check_sample(out, "out")
+    if out.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"out must be float32, float16 or bfloat16, got {out.dtype}")
     if not out.is_contiguous():
         raise ValueError("out must be contiguous")
-    if offset < 0:
-        raise ValueError(f"offset must be non-negative, got {offset}")
+    check_seed(seed)
+    check_offset(offset, out.numel())
 
 
 def _check_zo_neighbors(pivot: torch.Tensor, num_neighbors: int, cos_sim: float, seed: int) -> None:
     check_sample(pivot, "pivot")
-    if pivot.shape[0] and pivot.numel() // pivot.shape[0] < 2:
+    if pivot.numel() and pivot.numel() // pivot.shape[0] < 2:
         raise ValueError(f"pivot needs at least 2 elements per sample (a direction orthogonal to it), got shape "
                          f"{list(pivot.shape)}")
     if num_neighbors < 1:
@@ -169,9 +175,10 @@ def randn(shape, *, seed: int, offset: int = 0, device=None, dtype: torch.dtype 
     ``ddim_step(..., seed=s)`` equals ``ddim_step(..., noise=randn(S, seed=s))``.
 
     Args:
-        shape: output shape (a sequence of ints or ``torch.Size``).
+        shape: output shape (a sequence of ints or ``torch.Size``; an int is 1-d, ``()`` gives a 0-d tensor).
         seed: int in [0, 2**63): the stream's key.
-        offset: index of the first normal in the stream (element ``i`` is normal ``offset + i``).
+        offset: index of the first normal in the stream (element ``i`` is normal ``offset + i``); the stream
+            has 2**63 normals, so ``0 <= offset`` and ``offset + numel <= 2**63`` (ValueError otherwise).
         device, dtype: of the output (float32, float16 or bfloat16; float32 by default).
         out: optional contiguous tensor of ``shape`` to fill instead of allocating (``device`` and ``dtype``,
             when given, must be its own).
@@ -187,23 +194,58 @@ def randn(shape, *, seed: int, offset: int = 0, device=None, dtype: torch.dtype 
         True
     """
     seed = check_seed(seed)
-    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
-        raise ValueError(f"offset must be a non-negative int, got {offset!r}")
     if out is None:
+        shape, numel = _shape_arg(shape)
+        offset = check_offset(offset, numel)
         dtype = torch.float32 if dtype is None else dtype
-        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        if dtype not in FLOAT_DTYPES:
             raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
-        out = torch.empty(shape, dtype=dtype, device=device)
+        out = torch.empty(shape, dtype=dtype, device=_device_arg(device))
     else:
         _check_randn_out(out, shape, device, dtype)
+        offset = check_offset(offset, out.numel())
     RANDN_FILL.run(backend, out.device, out, seed, offset)
     return out
+
+
+def _shape_arg(shape) -> tuple[tuple[int, ...], int]:
+    """randn's shape as a tuple of ints (an int is a 1-d shape; ``()`` a 0-d tensor), and its element count."""
+    if isinstance(shape, int) and not isinstance(shape, bool):
+        shape = (shape,)
+    if isinstance(shape, str | bytes) or not hasattr(shape, "__iter__"):
+        raise TypeError(f"shape must be a sequence of ints, got {type(shape).__name__}")
+    sizes = []
+    for size in shape:
+        if isinstance(size, torch.Tensor) and size.dim() == 0 and not size.is_floating_point() \
+                and size.dtype != torch.bool:
+            size = int(size)
+        if isinstance(size, bool) or not hasattr(size, "__index__"):
+            raise TypeError(f"shape must be a sequence of ints, got an element of type {type(size).__name__}")
+        sizes.append(size.__index__())
+    if any(size < 0 for size in sizes):
+        raise ValueError(f"shape must hold sizes >= 0, got {sizes}")
+    numel = math.prod(sizes)
+    if numel > _INT64_MAX:
+        raise ValueError(f"shape {sizes} has {numel} elements, more than an int64 counts (2**63 - 1)")
+    return tuple(sizes), numel
+
+
+def _device_arg(device) -> torch.device | None:
+    if device is None:
+        return None
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device must name a torch device, got {device!r} ({exc})") from None
+    if device.type == "meta":
+        raise ValueError("device is meta: randn writes numbers, and a meta tensor holds none")
+    return device
 
 
 def _check_randn_out(out, shape, device, dtype) -> None:
     """``out`` of randn must agree with the shape, device and dtype asked for; randn_fill_ checks the rest."""
     tensor_arg("out", out)
-    expected = torch.Size([shape] if isinstance(shape, int) else shape)
+    expected = torch.Size(_shape_arg(shape)[0])
     if out.shape != expected:
         raise ValueError(f"out has shape {list(out.shape)} but shape is {list(expected)}")
     if dtype is not None and out.dtype != dtype:
@@ -238,4 +280,8 @@ def zo_neighbors(pivot: torch.Tensor, num_neighbors: int, *, cos_sim: float = 0.
     num_neighbors = int_arg("num_neighbors", num_neighbors)
     device = tensor_arg("pivot", pivot).device
     seed = check_seed(seed)
-    return ZO_NEIGHBORS.run(backend, device, pivot, num_neighbors, float(cos_sim), seed)
+    cos_sim = check_float("cos_sim", cos_sim, low=-1.0, high=1.0)
+    if num_neighbors > _INT64_MAX or pivot.numel() * max(num_neighbors, 0) > _INT64_MAX:
+        raise ValueError(f"num_neighbors={num_neighbors} neighbours of a pivot of shape {list(pivot.shape)} are more "
+                         "elements than an int64 counts (2**63 - 1)")
+    return ZO_NEIGHBORS.run(backend, device, pivot, num_neighbors, cos_sim, seed)

@@ -17,14 +17,22 @@ from fastsearch import _backend
 from fastsearch.ops._common import (
     Op,
     check_data,
-    check_noise,
-    check_sample,
-    check_schedule,
+    check_readable,
     lib,
     method_code,
     per_sample,
     schedule_arg,
     tensor_arg,
+    tensor_positions,
+)
+from fastsearch.ops._step_checks import (
+    check_ddim_step,
+    check_flow_euler_step,
+    check_flow_heun_step,
+    check_levels,
+    check_renoise,
+    clip_arg,
+    eta_arg,
 )
 from fastsearch.ops.noise import randn_reference
 from fastsearch.seeding import check_seed, fresh_seed
@@ -135,60 +143,18 @@ def _renoise_reference(sample, level_from, level_from_value, level_to, level_to_
     x = sample.float()
     start = per_sample(level_from, level_from_value, x)
     end = per_sample(level_to, level_to_value, x)
+    # The noise variance as a product of differences (csrc/README.md): 0 for equal levels, and no
+    # cancellation for nearby ones. Where it is 0 the noise term is left out: equal levels are the identity.
     if schedule == 0:
-        ratio = end / start
-        scale, noise_scale = ratio.sqrt(), torch.clamp(1.0 - ratio, min=0.0).sqrt()
+        scale = (end / start).sqrt()
+        variance = (start - end) / start
     else:
         scale = (1.0 - end) / (1.0 - start)
-        noise_scale = torch.clamp(end * end - scale * scale * start * start, min=0.0).sqrt()
-    return (scale * x + noise_scale * _noise_reference(noise, seed, sample)).to(sample.dtype)
-
-
-# -- checks for the Python backends ---------------------------------------------------------------------
-
-
-def _check_ddim_step(sample, model_output, alpha_prod_t, alpha_prod_t_value, alpha_prod_t_prev,
-                     alpha_prod_t_prev_value, eta, noise, seed, prediction_type, clip_sample_range,
-                     use_clipped_model_output):
-    check_sample(sample)
-    check_data("model_output", model_output, sample)
-    check_schedule("alpha_prod_t", alpha_prod_t, sample)
-    check_schedule("alpha_prod_t_prev", alpha_prod_t_prev, sample)
-    if eta < 0:
-        raise ValueError(f"eta must be non-negative, got {eta}")
-    check_noise(noise, seed, sample, required=eta > 0)
-    if prediction_type not in (0, 1, 2):
-        raise ValueError(f"prediction_type must be 0 (epsilon), 1 (sample) or 2 (v_prediction), got {prediction_type}")
-    if clip_sample_range is not None and not clip_sample_range > 0:
-        raise ValueError(f"clip_sample_range must be positive, got {clip_sample_range}")
-
-
-def _check_flow_euler_step(sample, velocity, sigma, sigma_value, sigma_next, sigma_next_value, noise, seed,
-                           stochastic):
-    check_sample(sample)
-    check_data("velocity", velocity, sample)
-    check_schedule("sigma", sigma, sample)
-    check_schedule("sigma_next", sigma_next, sample)
-    if not stochastic and (noise is not None or seed is not None):
-        raise ValueError("the deterministic Euler step takes no noise; pass stochastic=True to use it")
-    check_noise(noise, seed, sample, required=stochastic)
-
-
-def _check_flow_heun_step(sample, velocity, velocity_next, sigma, sigma_value, sigma_next, sigma_next_value):
-    check_sample(sample)
-    check_data("velocity", velocity, sample)
-    check_data("velocity_next", velocity_next, sample)
-    check_schedule("sigma", sigma, sample)
-    check_schedule("sigma_next", sigma_next, sample)
-
-
-def _check_renoise(sample, level_from, level_from_value, level_to, level_to_value, schedule, noise, seed):
-    check_sample(sample)
-    check_schedule("level_from", level_from, sample)
-    check_schedule("level_to", level_to, sample)
-    if schedule not in (0, 1):
-        raise ValueError(f"schedule must be 0 (vp) or 1 (flow), got {schedule}")
-    check_noise(noise, seed, sample, required=True)
+        variance = ((end - start) / (1.0 - start)) * (end + scale * start)
+    noise_scale = torch.clamp(variance, min=0.0).sqrt()
+    kept = scale * x
+    moved = kept + noise_scale * _noise_reference(noise, seed, sample)
+    return torch.where(noise_scale == 0, kept, moved).to(sample.dtype)
 
 
 # -- Triton ops and fakes ------------------------------------------------------------------------------
@@ -251,12 +217,12 @@ def _ddim_step_fake(sample, *args):
     return _like_sample(sample), _like_sample(sample)
 
 
-DDIM_STEP = Op("ddim_step", _ddim_step_triton, _check_ddim_step, _ddim_step_reference, _ddim_step_fake)
-FLOW_EULER_STEP = Op("flow_euler_step", _flow_euler_step_triton, _check_flow_euler_step, _flow_euler_step_reference,
+DDIM_STEP = Op("ddim_step", _ddim_step_triton, check_ddim_step, _ddim_step_reference, _ddim_step_fake)
+FLOW_EULER_STEP = Op("flow_euler_step", _flow_euler_step_triton, check_flow_euler_step, _flow_euler_step_reference,
                      _like_sample)
-FLOW_HEUN_STEP = Op("flow_heun_step", _flow_heun_step_triton, _check_flow_heun_step, _flow_heun_step_reference,
+FLOW_HEUN_STEP = Op("flow_heun_step", _flow_heun_step_triton, check_flow_heun_step, _flow_heun_step_reference,
                     _like_sample)
-RENOISE = Op("renoise", _renoise_triton, _check_renoise, _renoise_reference, _like_sample)
+RENOISE = Op("renoise", _renoise_triton, check_renoise, _renoise_reference, _like_sample)
 
 
 # -- out= variants ---------------------------------------------------------------------------------------
@@ -292,7 +258,7 @@ class _OutOp:
     ``schedules`` those it reads per sample (no output may overlap them).
     """
 
-    __slots__ = ("op", "name", "native", "triton", "out_names", "messages", "reads", "schedules")
+    __slots__ = ("op", "name", "native", "triton", "out_names", "messages", "reads", "schedules", "tensor_args")
 
     def __init__(self, op: Op, schema_args: str, out_names: tuple[str, ...], messages: tuple[str, ...],
                  reads: tuple[str, ...], schedules: tuple[str, ...]):
@@ -304,6 +270,7 @@ class _OutOp:
         position = {arg.name: index for index, arg in enumerate(self.native._schema.arguments)}
         self.reads = tuple((name, position[name]) for name in reads)
         self.schedules = tuple((name, position[name]) for name in schedules)
+        self.tensor_args = tensor_positions(self.native._schema)
         outputs = ", ".join(f"Tensor({alias}!) {name}" for alias, name in zip("ab", out_names, strict=False))
         self.triton = torch.library.custom_op(f"fastsearch::{op.name}_triton_out", self._run_triton,
                                               mutates_args=out_names, schema=f"({schema_args}, {outputs}) -> ()")
@@ -312,6 +279,7 @@ class _OutOp:
 
     def run(self, backend: str, device: torch.device, args: tuple, outs: tuple) -> tuple:
         """Write the step into ``outs`` with the backend ``backend`` resolves to; returns ``outs``."""
+        check_readable(self.tensor_args, args + outs, device, dict(zip(self.out_names, self.messages, strict=True)))
         which = _backend.resolve(backend, device, self.name)
         if which == "cpu" or which == "cuda":
             self.native(*args, **dict(zip(self.out_names, outs, strict=True)))
@@ -416,7 +384,7 @@ def ddim_step(sample: torch.Tensor, model_output: torch.Tensor, alpha_prod_t, al
         sample: x_t, [B, ...] float32 / float16 / bfloat16.
         model_output: same shape and dtype as ``sample``.
         alpha_prod_t, alpha_prod_t_prev: float, 0-d tensor, or [B] tensor (one value per sample).
-        eta: DDIM stochasticity (0 = deterministic DDIM, 1 = DDPM-like).
+        eta: DDIM stochasticity (0 = deterministic DDIM, 1 = DDPM-like): a finite number >= 0.
         noise: optional Gaussian noise like ``sample`` (used where ``eta > 0``).
         seed: optional int; the kernel draws ``fastsearch.randn(sample.shape, seed=seed)`` itself.
             With ``eta > 0`` and neither given, a seed is drawn from torch's default generator.
@@ -445,10 +413,10 @@ def ddim_step(sample: torch.Tensor, model_output: torch.Tensor, alpha_prod_t, al
     sample = tensor_arg("sample", sample)
     alpha, alpha_value = schedule_arg(alpha_prod_t, "alpha_prod_t", sample)
     alpha_prev, alpha_prev_value = schedule_arg(alpha_prod_t_prev, "alpha_prod_t_prev", sample)
+    eta = eta_arg(eta)
     noise, seed = _noise_args(noise, seed, eta > 0)
-    clip = None if clip_sample_range is None else float(clip_sample_range)
-    args = (sample, model_output, alpha, alpha_value, alpha_prev, alpha_prev_value, float(eta), noise, seed, code, clip,
-            bool(use_clipped_model_output))
+    args = (sample, model_output, alpha, alpha_value, alpha_prev, alpha_prev_value, eta, noise, seed, code,
+            clip_arg(clip_sample_range), bool(use_clipped_model_output))
     if out is None:
         return tuple.__new__(DDIMStepOutput, DDIM_STEP.run(backend, sample.device, *args))
     return tuple.__new__(DDIMStepOutput, DDIM_STEP_OUT.run(backend, sample.device, args, _ddim_out_arg(out)))
@@ -537,6 +505,13 @@ def renoise(sample: torch.Tensor, level_from, level_to, *, schedule: str = "vp",
     - ``schedule="flow"`` (rectified flow ``x_s = (1 - s) x0 + s noise``, levels are sigmas, noisier =
       larger): with ``c = (1 - s_to) / (1 - s_from)``, ``x' = c x + sqrt(s_to^2 - c^2 s_from^2) noise``.
 
+    The noise variance is computed as a product of differences (``(a_from - a_to) / a_from``;
+    ``(s_to - s_from) / (1 - s_from) * (s_to + c s_from)``), so that equal levels return ``sample`` bit for bit
+    (no noise term is added where the variance is 0) and nearby levels lose no accuracy. Levels must lie in
+    range (NaN and infinities are refused): vp ``0 < level_from <= 1``, ``0 <= level_to <= level_from``; flow
+    ``0 <= level_from < 1``, ``level_from <= level_to <= 1``; ValueError otherwise (per-sample levels on a GPU
+    are not checked, which would cost a device sync).
+
     Args:
         sample: [B, ...] float32 / float16 / bfloat16 at ``level_from``.
         level_from, level_to: float, 0-d tensor, or [B] tensor.
@@ -557,32 +532,10 @@ def renoise(sample: torch.Tensor, level_from, level_to, *, schedule: str = "vp",
     sample = tensor_arg("sample", sample)
     start, start_value = schedule_arg(level_from, "level_from", sample)
     end, end_value = schedule_arg(level_to, "level_to", sample)
-    _check_levels(code, start, start_value, end, end_value)
+    check_levels(code, start, start_value, end, end_value)
     noise, seed = _noise_args(noise, seed, True)
     args = (sample, start, start_value, end, end_value, code, noise, seed)
     if out is None:
         return RENOISE.run(backend, sample.device, *args)
     return RENOISE_OUT.run(backend, sample.device, args, (tensor_arg("out", out),))[0]
 
-
-def _check_levels(schedule, start, start_value, end, end_value):
-    """Re-noising must go from a cleaner level to a noisier one; checked where it costs no sync."""
-    if start is None and end is None:
-        start, end = torch.tensor(start_value), torch.tensor(end_value)
-    elif (start is not None and start.device.type != "cpu") or (end is not None and end.device.type != "cpu"):
-        return
-    else:
-        start = torch.tensor(start_value) if start is None else start
-        end = torch.tensor(end_value) if end is None else end
-    if schedule == 0:
-        if bool((start <= 0).any()) or bool((start > 1).any()):
-            raise ValueError("level_from must be an alpha_prod in (0, 1] for schedule='vp'")
-        if bool((end > start).any()):
-            raise ValueError("level_to must be noisier than level_from (alpha_prod_to <= alpha_prod_from) for "
-                             "schedule='vp'")
-    else:
-        if bool((start < 0).any()) or bool((start >= 1).any()):
-            raise ValueError("level_from must be a sigma in [0, 1) for schedule='flow'")
-        if bool((end < start).any()) or bool((end > 1).any()):
-            raise ValueError("level_to must be noisier than level_from (sigma_from <= sigma_to <= 1) for "
-                             "schedule='flow'")
