@@ -103,3 +103,63 @@ def rows(min_run_time: float = 0.5, device="cpu") -> list[dict]:
         out.append({"op": name, "case": f"gmm d={DIM} B={ROWS} overhead_per_nfe", "shape": f"{ROWS}x{DIM}",
                     "dtype": "float32", "impl": "fastsearch", "median_us": round(statistics.median(measured) * 1e6, 3)})
     return out
+
+
+class _CollectiveTimer:
+    """Adds the wall time spent inside torch.distributed's collectives to ``seconds`` while it is entered (time
+    waiting for the slowest rank included: that is what a step loses to the group)."""
+
+    NAMES = ("all_gather", "all_reduce", "all_to_all_single", "broadcast")
+
+    def __init__(self):
+        self.seconds, self.calls, self._saved = 0.0, 0, {}
+
+    def _wrap(self, fn: Callable) -> Callable:
+        def timed(*args, **kwargs):
+            begin = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - begin
+                self.calls += 1
+        return timed
+
+    def __enter__(self) -> _CollectiveTimer:
+        import torch.distributed as dist
+
+        for name in self.NAMES:
+            self._saved[name] = getattr(dist, name)
+            setattr(dist, name, self._wrap(self._saved[name]))
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        import torch.distributed as dist
+
+        for name, fn in self._saved.items():
+            setattr(dist, name, fn)
+
+
+def fk_communication_share(group, particles: int = ROWS, repeats: int = 3, dim: int = DIM) -> dict:
+    """FK steering (the rare-mode mixture in ``dim`` dimensions, ``particles`` particles, 10 stochastic flow steps,
+    scoring and ESS-triggered resampling after every step) over ``group``: the median wall time of a run and the
+    share of it this rank spends inside collectives (score gathering with the fault flag, argument agreement,
+    particle exchange, the winner).
+
+    Call it on every rank of ``group``. Returns ``{"particles", "dim", "steps", "wall_s", "comm_s", "comm_share",
+    "collectives", "resampled_steps"}`` for this rank.
+    """
+    mixture = gmm.rare_mode_mixture(dim)
+    model, verifier = mixture.flow_model(), gmm.ModeLogDensity(mixture)
+    sampler = FlowSampler(NUM_STEPS, stochastic=True)
+    walls, comms = [], []
+    for _ in range(repeats + 1):  # the first run warms up
+        with _CollectiveTimer() as timer:
+            begin = time.perf_counter()
+            result = fk_steering(model, verifier, sampler, (dim,), num_particles=particles, resample_every=1,
+                                 num_prompts=1, seed=0, progress=False, group=group)
+            walls.append(time.perf_counter() - begin)
+            comms.append(timer.seconds)
+    wall, comm = statistics.median(walls[1:]), statistics.median(comms[1:])
+    return {"particles": particles, "dim": dim, "steps": NUM_STEPS, "wall_s": wall, "comm_s": comm,
+            "comm_share": comm / wall, "collectives": timer.calls,
+            "resampled_steps": sum(bool(entry["resampled"].any()) for entry in result.history)}

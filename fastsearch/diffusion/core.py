@@ -180,9 +180,14 @@ class BestSoFar:
 # -- zero-order search --------------------------------------------------------------------------------------------
 
 
+def _take_rows(samples: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    return samples.flatten(0, 1)[rows.to(samples.device)]
+
+
 def zero_order_rounds(options: ZeroOrderSearch, rounds: int, pivot: torch.Tensor, *, seed: int,
                       evaluate: Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]],
-                      tally: Tally) -> NoiseSearchResult:
+                      tally: Tally, take: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = _take_rows
+                      ) -> NoiseSearchResult:
     """The rounds of zero-order search (Ma et al. 2025), whatever turns noises into scored samples.
 
     Each round: draw K neighbours of every slot's pivot at cosine ``options.cos_sim`` with the same norm
@@ -199,6 +204,8 @@ def zero_order_rounds(options: ZeroOrderSearch, rounds: int, pivot: torch.Tensor
         evaluate: ``evaluate(candidates, round) -> (samples, scores)`` with candidates [S, K + 1, *shape] (the
             pivot first), samples [S, K + 1, ...] and scores [S, K + 1]; it counts what it spends in ``tally``.
         tally: the search's spending, for the history and the result.
+        take: ``take(samples, rows) -> [S, ...]`` the samples of flat candidate rows ``rows`` [S] from what
+            ``evaluate`` returned (a distributed search returns its shard and fetches the winners from their ranks).
 
     Returns:
         :class:`NoiseSearchResult` with ``scores`` [S, rounds * (K + 1)] (per round: pivot, then neighbours),
@@ -217,7 +224,7 @@ def zero_order_rounds(options: ZeroOrderSearch, rounds: int, pivot: torch.Tensor
         all_scores.append(scores)
         winner = best_index(scores)
         round_score = scores.flatten()[winner]
-        best.offer(samples.flatten(0, 1)[winner.to(samples.device)], round_score,
+        best.offer(take(samples, winner), round_score,
                    candidates[winner.to(candidates.device)])
         moved = winner % width != 0
         history.append({"round": round_index, "nfe": tally.nfe, "best_score": best.score.clone(),

@@ -139,7 +139,8 @@ class Sampler(ABC):
             return self.noise_levels.to(index.device)[index.long()]
         return self.noise_levels[index]
 
-    def renoise(self, x: torch.Tensor, index_from, index_to, *, seed: int | None = None) -> torch.Tensor:
+    def renoise(self, x: torch.Tensor, index_from, index_to, *, seed: int | None = None,
+                row_offset: int | None = None) -> torch.Tensor:
         """Forward-noise ``x`` from state ``index_from`` to the noisier state ``index_to`` (``index_to <=
         index_from``) with the exact marginal (:func:`fastsearch.renoise`).
 
@@ -147,6 +148,7 @@ class Sampler(ABC):
             x: [B, ...] float32 / float16 / bfloat16 at state ``index_from``.
             index_from, index_to: ints or integer [B] tensors (per sample).
             seed: int; drawn from torch's generator when None.
+            row_offset: as in :meth:`run` (rows ``x`` are a shard of a larger batch).
 
         Returns:
             [B, ...] like ``x``.
@@ -160,7 +162,7 @@ class Sampler(ABC):
                 raise ValueError("index_to must not come after index_from (re-noising goes to a noisier state)")
         return fastsearch.renoise(x, self._levels_for(begin, x.device, "noise_levels"),
                                   self._levels_for(end, x.device, "noise_levels"), schedule=self.renoise_schedule,
-                                  seed=seed)
+                                  **self._step_noise(x, seed, row_offset))
 
     def _levels_for(self, index: int | torch.Tensor, device: torch.device, name: str):
         """Schedule values of step ``index`` (an int, or per-sample CPU int64 indices): a float when all samples
@@ -207,7 +209,7 @@ class Sampler(ABC):
             return self.run(ModelCall(model, Conditioning(cond, batch), batch_size, bar.update), x, begin, end, seed)
 
     def run(self, call: ModelCall, x: torch.Tensor, start: int | torch.Tensor, stop: int | torch.Tensor,
-            seed: int | None) -> SamplerOutput:
+            seed: int | None, row_offset: int | None = None) -> SamplerOutput:
         """The loop of :meth:`sample`, for searches that prepare their own model call (conditioning per prompt,
         NFE counting).
 
@@ -216,7 +218,12 @@ class Sampler(ABC):
             x: [B, ...] samples at their start states.
             start, stop: checked states: ints shared by all samples, or CPU int64 [B] tensors.
             seed: as in :meth:`sample`.
+            row_offset: rows ``x`` are rows ``row_offset ...`` of a larger batch (a shard of a distributed search):
+                the step noise of row r is then that batch's, stream positions from ``(row_offset + r) * numel``,
+                so a shard draws exactly the noise the whole batch draws for it. Only with int ``start``/``stop``.
         """
+        if row_offset is not None and not isinstance(start, int):
+            raise ValueError("row_offset needs start and stop shared by all samples (ints)")
         if self.stochastic:
             seed = resolve_seed(seed)
         nfe_before = call.nfe
@@ -232,7 +239,7 @@ class Sampler(ABC):
             out, pred_x0 = x, None
             for iteration, index in enumerate(range(first_start, first_stop)):
                 out, pred_x0 = self._advance(call, out, index, slice(None), self._step_seed(seed, iteration),
-                                             want_x0=index + 1 == first_stop)
+                                             want_x0=index + 1 == first_stop, row_offset=row_offset)
             if pred_x0 is None:
                 pred_x0 = torch.full_like(x, float("nan"))
             return SamplerOutput(out, pred_x0, call.nfe - nfe_before)
@@ -265,9 +272,21 @@ class Sampler(ABC):
 
     @abstractmethod
     def _advance(self, call: ModelCall, x: torch.Tensor, index: int | torch.Tensor, rows: slice | torch.Tensor,
-                 seed: int | None, want_x0: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+                 seed: int | None, want_x0: bool,
+                 row_offset: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One step for rows ``x`` (batch rows ``rows``) at step ``index`` (an int shared by all, or per-sample
-        CPU int64 indices); returns ``(prev, x0 or None)`` (x0 at least when ``want_x0``)."""
+        CPU int64 indices); returns ``(prev, x0 or None)`` (x0 at least when ``want_x0``). ``row_offset``: as in
+        :meth:`run`."""
+
+    @staticmethod
+    def _step_noise(x: torch.Tensor, seed: int | None, row_offset: int | None) -> dict:
+        """The step op's noise argument: ``seed=`` (in-kernel noise from stream position 0), or for a shard the same
+        stream's numbers from its first row's position as ``noise=`` (the kernels draw exactly these)."""
+        if seed is None or row_offset is None:
+            return {"seed": seed}
+        per_row = x[0].numel() if x.shape[0] else 0
+        return {"noise": fastsearch.randn(x.shape, seed=seed, offset=row_offset * per_row, device=x.device,
+                                          dtype=x.dtype)}
 
     @abstractmethod
     def predict_x0(self, x: torch.Tensor, model_output: torch.Tensor, index) -> torch.Tensor:
@@ -385,11 +404,11 @@ class DDIMSampler(Sampler):
         return {"prediction_type": self.prediction_type, "clip_sample_range": self.clip_sample_range,
                 "use_clipped_model_output": self.use_clipped_model_output}
 
-    def _advance(self, call, x, index, rows, seed, want_x0):
+    def _advance(self, call, x, index, rows, seed, want_x0, row_offset=None):
         output = call(x, self._model_levels(index, x.shape[0], x.device), rows)
         return fastsearch.ddim_step(x, output, self._levels_for(index, x.device, "alpha"),
-                                    self._levels_for(index, x.device, "alpha_prev"), eta=self.eta, seed=seed,
-                                    **self._ddim_kwargs())
+                                    self._levels_for(index, x.device, "alpha_prev"), eta=self.eta,
+                                    **self._step_noise(x, seed, row_offset), **self._ddim_kwargs())
 
     def predict_x0(self, x: torch.Tensor, model_output: torch.Tensor, index) -> torch.Tensor:
         """x0 from the model output at step ``index`` (int or integer [B] tensor), clipped like the steps."""
@@ -516,11 +535,12 @@ class FlowSampler(Sampler):
             stochastic = bool(config.get("stochastic_sampling", False))
         return cls(num_steps, solver=solver, stochastic=stochastic, sigmas=sigmas)
 
-    def _advance(self, call, x, index, rows, seed, want_x0):
+    def _advance(self, call, x, index, rows, seed, want_x0, row_offset=None):
         sigma = self._levels_for(index, x.device, "sigma")
         sigma_next = self._levels_for(index, x.device, "sigma_next")
         velocity = call(x, self._model_levels(index, x.shape[0], x.device), rows)
-        predicted = fastsearch.flow_euler_step(x, velocity, sigma, sigma_next, seed=seed, stochastic=self._stochastic)
+        predicted = fastsearch.flow_euler_step(x, velocity, sigma, sigma_next, **self._step_noise(x, seed, row_offset),
+                                               stochastic=self._stochastic)
         x0 = self._x0(x, velocity, sigma) if want_x0 else None
         if self.solver == "euler":
             return predicted, x0

@@ -58,6 +58,7 @@ from fastsearch.diffusion.core import (
 from fastsearch.diffusion.options import FKSteering, PathsSearch, RandomSearch, ZeroOrderSearch
 from fastsearch.diffusion.particles import ParticleWeights
 from fastsearch.diffusion.samplers import Sampler, SamplerOutput
+from fastsearch.distributed import Rows, check_same_arguments
 from fastsearch.seeding import Stream, derive_seed, resolve_seed
 
 
@@ -84,7 +85,7 @@ class _Search:
     """State shared by the searches: checked arguments, the prompt layout, what was spent and the progress bar."""
 
     def __init__(self, name: str, model: Callable, verifier: Callable, sampler: Sampler, shape, cond: dict, *,
-                 num_prompts, batch_size, seed, device, dtype, progress: bool):
+                 num_prompts, batch_size, seed, device, dtype, progress: bool, group=None):
         if not isinstance(sampler, Sampler):
             raise TypeError(f"sampler must be a DDIMSampler or FlowSampler, got {type(sampler).__name__}")
         if dtype not in FLOAT_DTYPES:
@@ -97,6 +98,12 @@ class _Search:
         self.cond = cond
         self.num_prompts = _num_prompts(cond, num_prompts)
         self.batch_size = check_optional_int("batch_size", batch_size)
+        self.group = group
+        if group is not None and seed is None:
+            raise ValueError(f"{name} with group= needs a seed, the same on every rank")
+        if group is not None and is_groupwise(verifier):
+            raise ValueError(f"{name} with group= cannot use a verifier that ranks candidates within a call: each "
+                             "rank scores only its shard")
         self.seed = resolve_seed(seed)
         if device is None:
             device = next((v.device for v in cond.values() if isinstance(v, torch.Tensor)), torch.device("cpu"))
@@ -106,7 +113,11 @@ class _Search:
         self.tally = Tally(self.num_prompts, verifier=self.verifier)
         self.bar = None
 
-    def start(self, planned_nfe_per_prompt: int) -> None:
+    def start(self, planned_nfe_per_prompt: int, options=None) -> None:
+        if self.group is not None:  # one small collective: every rank must run the same search
+            check_same_arguments(self.name, {"num_prompts": self.num_prompts, "shape": self.shape, "seed": self.seed,
+                                             "dtype": self.dtype, "sampler": repr(self.sampler), "options": options,
+                                             "planned_nfe_per_prompt": planned_nfe_per_prompt}, self.group)
         if self.progress:  # a disabled tqdm still costs a lock and a registry update per search
             self.bar = tqdm(total=planned_nfe_per_prompt * self.num_prompts, unit="nfe", desc=self.name)
 
@@ -114,28 +125,47 @@ class _Search:
         if self.bar is not None:
             self.bar.close()
 
+    def rows(self, per_prompt: int) -> Rows:
+        """The prompt-major [P * per_prompt] batch, split over the group (all here without one)."""
+        return Rows(self.num_prompts * per_prompt, self.group)
+
     def prompt_rows(self, per_prompt: int) -> torch.Tensor:
-        """The prompt of each row of a prompt-major [P * per_prompt] batch: int64 on the search's device."""
-        return torch.arange(self.num_prompts, device=self.device).repeat_interleave(per_prompt)
+        """The prompt of each row of a prompt-major [P * per_prompt] batch (this rank's rows with a group): int64 on
+        the search's device."""
+        return self.rows(per_prompt).local(torch.arange(self.num_prompts, device=self.device)
+                                           .repeat_interleave(per_prompt))
 
-    def noise(self, per_prompt: int, *key: int) -> torch.Tensor:
-        """Fresh initial noise, [P * per_prompt, *shape]."""
-        return fastsearch.randn((self.num_prompts * per_prompt, *self.shape), seed=derive_seed(self.seed, *key),
-                                device=self.device, dtype=self.dtype)
+    def noise(self, per_prompt: int, *key: int, whole: bool = False) -> torch.Tensor:
+        """Fresh initial noise, [P * per_prompt, *shape]: with a group this rank's rows (from their stream
+        positions), unless ``whole``."""
+        rows = Rows(self.num_prompts * per_prompt, None if whole else self.group)
+        return fastsearch.randn((rows.count, *self.shape), seed=derive_seed(self.seed, *key),
+                                offset=rows.low * math.prod(self.shape), device=self.device, dtype=self.dtype)
 
-    def denoise(self, x: torch.Tensor, prompts: torch.Tensor, start: int, stop: int, *key: int) -> SamplerOutput:
-        """Run every row of ``x`` from state ``start`` to ``stop``; rows take their prompt's conditioning."""
+    def denoise(self, x: torch.Tensor, prompts: torch.Tensor, start: int, stop: int, *key: int,
+                rows: Rows | None = None) -> SamplerOutput:
+        """Run every row of ``x`` from state ``start`` to ``stop``; rows take their prompt's conditioning. With a
+        group, ``rows`` says which rows of the batch ``x`` holds (their step noise and the NFEs of the batch)."""
         call = ModelCall(self.model, Conditioning(self.cond, self.num_prompts, prompts), self.batch_size,
                          None if self.bar is None else self.bar.update)
-        out = self.sampler.run(call, x, start, stop, derive_seed(self.seed, *key))
-        self.tally.total_nfe += out.nfe
+        out = self.sampler.run(call, x, start, stop, derive_seed(self.seed, *key),
+                               row_offset=None if rows is None else rows.row_offset)
+        # with a group every rank counts the whole batch: rows of one run all take the same steps
+        self.tally.total_nfe += out.nfe if rows is None or rows.group is None else \
+            self.sampler.nfe(start, stop) * rows.total
         return out
 
-    def score(self, x0: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+    def score(self, x0: torch.Tensor, prompts: torch.Tensor, rows: Rows | None = None) -> torch.Tensor:
         """Verifier scores of rows ``x0`` (each with its prompt's conditioning): [R] float32.
 
         A groupwise verifier (a rank ensemble) scores all rows in one call, with ``offsets=`` over the runs of
-        rows of one prompt (rows are prompt-major)."""
+        rows of one prompt (rows are prompt-major). With a group, ``x0`` is this rank's shard of ``rows``: the
+        scores of the whole batch come back on every rank, and a verifier that raises on any rank raises
+        :class:`fastsearch.distributed.RankFailed` on all."""
+        if rows is not None and rows.group is not None:
+            scores = rows.gather_scores(f"{self.name}: the verifier", lambda: self.score(x0, prompts))
+            self.tally.verifier_calls += rows.total - rows.count  # the local ones were counted
+            return scores
         verifier, batch_size = self.verifier, self.batch_size
         if is_groupwise(verifier):
             _, counts = torch.unique_consecutive(prompts, return_counts=True)
@@ -165,7 +195,7 @@ def _run_search(body: Callable[[_Search], NoiseSearchResult], name: str, model, 
 def random_search(model: Callable, verifier: Callable, sampler: Sampler, shape, *, num_candidates: int | None = None,
                   budget_nfe: int | None = None, num_prompts: int | None = None, batch_size: int | None = None,
                   seed: int | None = None, device=None, dtype: torch.dtype = torch.float32, progress: bool = True,
-                  **cond) -> NoiseSearchResult:
+                  group=None, **cond) -> NoiseSearchResult:
     """Random search: best-of-N over initial noises (Ma et al. 2025).
 
     Draws N initial noises per prompt, samples each to the end, scores the samples and keeps the best.
@@ -186,6 +216,13 @@ def random_search(model: Callable, verifier: Callable, sampler: Sampler, shape, 
         seed: int (None: drawn from torch's generator).
         device, dtype: of the noise (default: the device of the ``cond`` tensors, else CPU; float32).
         progress: show a tqdm bar of NFEs.
+        group: a ``torch.distributed`` process group to shard the candidates over (None: this process alone).
+            Rank w samples and scores rows ``[R w // W, R (w + 1) // W)`` of the R = P N candidates with the
+            noise of their global rows. Every rank returns the whole result, equal to one process's with the same
+            ``seed`` (which is then required) for a model whose rows do not depend on each other and float32
+            samples. ``verifier_cost`` is this rank's; the ranks must pass the same arguments (checked at the
+            start), and a verifier that raises on one rank raises
+            :class:`~fastsearch.distributed.RankFailed` on all.
         **cond: conditioning for the model and the verifier.
 
     Returns:
@@ -197,18 +234,19 @@ def random_search(model: Callable, verifier: Callable, sampler: Sampler, shape, 
     def body(search: _Search) -> NoiseSearchResult:
         per_sample = sampler.nfe()
         count = count_within(options, budget_nfe, per_sample, "sample")
-        search.start(count * per_sample)
+        search.start(count * per_sample, options)
+        rows = search.rows(count)
         prompts = search.prompt_rows(count)
         noise = search.noise(count, Stream.NOISE)
-        out = search.denoise(noise, prompts, 0, sampler.num_steps, Stream.STEPS)
-        scores = search.score(out.sample, prompts).view(search.num_prompts, count)
+        out = search.denoise(noise, prompts, 0, sampler.num_steps, Stream.STEPS, rows=rows)
+        scores = search.score(out.sample, prompts, rows).view(search.num_prompts, count)
         best = best_index(scores)
         score = scores.flatten()[best]
         history = [{"round": 0, "nfe": search.tally.nfe, "best_score": score}]
-        return search.tally.result(out.sample[best], score, scores, history, noise=noise[best])
+        return search.tally.result(rows.take(out.sample, best), score, scores, history, noise=rows.take(noise, best))
 
     return _run_search(body, "random_search", model, verifier, sampler, shape, cond, num_prompts=num_prompts,
-                       batch_size=batch_size, seed=seed, device=device, dtype=dtype, progress=progress)
+                       batch_size=batch_size, seed=seed, device=device, dtype=dtype, progress=progress, group=group)
 
 
 def no_search(model: Callable, verifier: Callable, sampler: Sampler, shape, *, num_prompts: int | None = None,
@@ -227,7 +265,7 @@ def zero_order_search(model: Callable, verifier: Callable, sampler: Sampler, sha
                       iterations: int | None = None, cos_sim: float = 0.95, budget_nfe: int | None = None,
                       num_prompts: int | None = None, batch_size: int | None = None, seed: int | None = None,
                       device=None, dtype: torch.dtype = torch.float32, progress: bool = True,
-                      **cond) -> NoiseSearchResult:
+                      group=None, **cond) -> NoiseSearchResult:
     """Zero-order search: move a pivot noise to its best neighbour (Ma et al. 2025).
 
     Each round, per prompt: draw K neighbours of the pivot at cosine ``cos_sim`` with the same norm
@@ -261,26 +299,28 @@ def zero_order_search(model: Callable, verifier: Callable, sampler: Sampler, sha
         width = options.width
         per_sample = sampler.nfe()
         rounds = count_within(options, budget_nfe, width * per_sample, f"round of num_neighbors + 1 = {width} samples")
-        search.start(rounds * width * per_sample)
+        search.start(rounds * width * per_sample, options)
+        rows = search.rows(width)  # with a group: every rank draws the neighbours, and samples its share
         prompts = search.prompt_rows(width)
 
         def evaluate(candidates: torch.Tensor, round_index: int) -> tuple[torch.Tensor, torch.Tensor]:
-            out = search.denoise(candidates.flatten(0, 1), prompts, 0, sampler.num_steps, Stream.STEPS, round_index)
-            scores = search.score(out.sample, prompts).view(search.num_prompts, width)
-            return out.sample.unflatten(0, (search.num_prompts, width)), scores
+            out = search.denoise(rows.local(candidates.flatten(0, 1)), prompts, 0, sampler.num_steps, Stream.STEPS,
+                                 round_index, rows=rows)
+            scores = search.score(out.sample, prompts, rows).view(search.num_prompts, width)
+            return out.sample, scores
 
-        return zero_order_rounds(options, rounds, search.noise(1, Stream.NOISE, 0), seed=search.seed,
-                                 evaluate=evaluate, tally=search.tally)
+        return zero_order_rounds(options, rounds, search.noise(1, Stream.NOISE, 0, whole=True), seed=search.seed,
+                                 evaluate=evaluate, tally=search.tally, take=rows.take)
 
     return _run_search(body, "zero_order_search", model, verifier, sampler, shape, cond, num_prompts=num_prompts,
-                       batch_size=batch_size, seed=seed, device=device, dtype=dtype, progress=progress)
+                       batch_size=batch_size, seed=seed, device=device, dtype=dtype, progress=progress, group=group)
 
 
 def paths_search(model: Callable, verifier: Callable, sampler: Sampler, shape, *, num_paths: int | None = None,
                  branches: int = 4, start_level: int | None = None, forward_interval: int | None = None,
                  backward_interval: int | None = None, budget_nfe: int | None = None, num_prompts: int | None = None,
                  batch_size: int | None = None, seed: int | None = None, device=None,
-                 dtype: torch.dtype = torch.float32, progress: bool = True, **cond) -> NoiseSearchResult:
+                 dtype: torch.dtype = torch.float32, progress: bool = True, group=None, **cond) -> NoiseSearchResult:
     """Search over paths (Ma et al. 2025).
 
     Per prompt: draw ``num_paths`` (n) initial noises and denoise them to state ``start_level``. Then, each round,
@@ -314,36 +354,40 @@ def paths_search(model: Callable, verifier: Callable, sampler: Sampler, shape, *
         plan = options.plan(steps)
         per_path = plan.path_cost(sampler, width)
         paths = count_within(options, budget_nfe, per_path, "path")
-        search.start(paths * per_path)
+        search.start(paths * per_path, options)
         num_prompts = search.num_prompts
+        path_rows, branch_rows = search.rows(paths), search.rows(paths * width)  # a group splits both batches
         out = search.denoise(search.noise(paths, Stream.NOISE), search.prompt_rows(paths), 0, plan.start,
-                             Stream.STEPS, 0)
+                             Stream.STEPS, 0, rows=path_rows)
         x = out.sample
         branch_prompts = search.prompt_rows(paths * width)
+        branch_parent = torch.arange(num_prompts * paths * width) // width
         history = []
         for round_index, (current, renoised, following) in enumerate(plan.rounds):
-            branched = sampler.renoise(x.repeat_interleave(width, dim=0), current, renoised,
-                                       seed=derive_seed(search.seed, Stream.RENOISE, round_index))
-            out = search.denoise(branched, branch_prompts, renoised, following, Stream.STEPS, round_index + 1)
+            branched = sampler.renoise(path_rows.exchange(x, branch_parent), current, renoised,
+                                       seed=derive_seed(search.seed, Stream.RENOISE, round_index),
+                                       row_offset=branch_rows.row_offset)
+            out = search.denoise(branched, branch_prompts, renoised, following, Stream.STEPS, round_index + 1,
+                                 rows=branch_rows)
             scored = out.sample if following == steps else out.pred_original_sample
-            scores = search.score(scored, branch_prompts).view(num_prompts, paths * width)
+            scores = search.score(scored, branch_prompts, branch_rows).view(num_prompts, paths * width)
             keep = top_rows(scores, paths)
-            x = out.sample[keep.flatten()]
+            x = branch_rows.exchange(out.sample, keep.flatten())
             best_score = scores.flatten()[keep[:, 0]]
             history.append({"round": round_index, "state": following, "nfe": search.tally.nfe,
                             "best_score": best_score, "scores": scores})
-        best_sample = x.view(num_prompts, paths, *search.shape)[:, 0]
+        best_sample = path_rows.take(x, torch.arange(num_prompts) * paths)
         return search.tally.result(best_sample, best_score, scores, history)
 
     return _run_search(body, "paths_search", model, verifier, sampler, shape, cond, num_prompts=num_prompts,
-                       batch_size=batch_size, seed=seed, device=device, dtype=dtype, progress=progress)
+                       batch_size=batch_size, seed=seed, device=device, dtype=dtype, progress=progress, group=group)
 
 
 def fk_steering(model: Callable, verifier: Callable, sampler: Sampler, shape, *, num_particles: int | None = None,
                 potential: str = "max", lam: float = 1.0, resample_every: int | None = None,
                 ess_threshold: float = 0.5, budget_nfe: int | None = None, num_prompts: int | None = None,
                 batch_size: int | None = None, seed: int | None = None, device=None,
-                dtype: torch.dtype = torch.float32, progress: bool = True, **cond) -> NoiseSearchResult:
+                dtype: torch.dtype = torch.float32, progress: bool = True, group=None, **cond) -> NoiseSearchResult:
     """Feynman-Kac steering: sequential Monte Carlo over particles with verifier potentials (Singhal et al. 2025).
 
     Per prompt, ``num_particles`` (n) particles start from fresh noise and take stochastic sampler steps. After
@@ -391,28 +435,29 @@ def fk_steering(model: Callable, verifier: Callable, sampler: Sampler, shape, *,
         steps = sampler.num_steps
         per_sample = sampler.nfe()
         particles = count_within(options, budget_nfe, per_sample, "sample")
-        search.start(particles * per_sample)
+        search.start(particles * per_sample, options)
         num_prompts = search.num_prompts
+        rows = search.rows(particles)  # with a group: each rank steps its share, weights are on every rank
         prompts = search.prompt_rows(particles)
         weights = ParticleWeights(num_prompts, particles, options, search.seed, search.device)
         x = search.noise(particles, Stream.NOISE)
         history = []
         for step in range(steps):
-            out = search.denoise(x, prompts, step, step + 1, Stream.STEPS, step)
+            out = search.denoise(x, prompts, step, step + 1, Stream.STEPS, step, rows=rows)
             x = out.sample
             if not options.scores_after(step, steps):
                 continue
             final = step == steps - 1
-            scores = search.score(x if final else out.pred_original_sample, prompts)
+            scores = search.score(x if final else out.pred_original_sample, prompts, rows)
             entry = weights.update(scores, step=step, nfe=search.tally.nfe, final=final)
             if not final:
                 ancestors = weights.resample(entry)
                 if ancestors is not None:
-                    x = x[ancestors]
+                    x = rows.exchange(x, ancestors)
             history.append(entry)
         final_scores = scores.view(num_prompts, particles)
         best = best_index(final_scores)
-        return search.tally.result(x[best], final_scores.flatten()[best], final_scores, history)
+        return search.tally.result(rows.take(x, best), final_scores.flatten()[best], final_scores, history)
 
     return _run_search(body, "fk_steering", model, verifier, sampler, shape, cond, num_prompts=num_prompts,
-                       batch_size=batch_size, seed=seed, device=device, dtype=dtype, progress=progress)
+                       batch_size=batch_size, seed=seed, device=device, dtype=dtype, progress=progress, group=group)

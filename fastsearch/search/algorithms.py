@@ -38,6 +38,7 @@ from fastsearch.checks import check_choice, check_float, check_int
 from fastsearch.ops.particles import RESAMPLE_METHODS
 from fastsearch.ops.score import LOGIT_CLIP
 from fastsearch.search.run import SearchRun, as_numpy, split_steps
+from fastsearch.search.sharding import on_problem_shards
 from fastsearch.search.types import AnswerVerifier, Generator, SearchResult, StepVerifier, extract_answer
 from fastsearch.seeding import Stream, derive_seed
 
@@ -108,7 +109,7 @@ def best_of_n(problems: Sequence[str], generator: Generator, verifier: StepVerif
               n: int, aggregate: str = "last", vote: str = "none", answer_fn: Callable[[str], str] = extract_answer,
               temperature: float = 0.8, max_tokens: int = 2048, step_delimiter: str = "\n\n",
               prompt_fn: Callable[[str], str] | None = None, seed: int | None = None,
-              progress: bool = False) -> SearchResult:
+              progress: bool = False, group=None) -> SearchResult:
     """Best-of-N: n full solutions per problem, scored by the verifier, one picked.
 
     One generator call (n samples of every problem, to the end) and one verifier call for the whole batch:
@@ -136,9 +137,14 @@ def best_of_n(problems: Sequence[str], generator: Generator, verifier: StepVerif
             default generator.
         progress: show a tqdm progress bar.
 
+        group: a torch.distributed process group: split the problems over its ranks, each with its own
+            generator and verifier; every rank returns the whole result (:mod:`fastsearch.search.sharding`).
+
     Returns:
         :class:`~fastsearch.search.SearchResult` with n candidates per problem.
     """
+    if group is not None:
+        return on_problem_shards(best_of_n, locals())
     n = check_int("n", n)
     if verifier is None and vote != "majority":
         raise ValueError(f"verifier is None: only vote='majority' (self-consistency) picks without scores, got "
@@ -160,7 +166,7 @@ def beam_search(problems: Sequence[str], generator: Generator, verifier: StepVer
                 max_steps: int = 40, lookahead: int = 0, step_delimiter: str = "\n\n", aggregate: str = "last",
                 vote: str = "none", answer_fn: Callable[[str], str] = extract_answer, temperature: float = 0.8,
                 max_tokens: int = 2048, dedup: bool = False, prompt_fn: Callable[[str], str] | None = None,
-                seed: int | None = None, progress: bool = False) -> SearchResult:
+                seed: int | None = None, progress: bool = False, group=None) -> SearchResult:
     """PRM-guided step-level beam search over a batch of problems.
 
     n beams per problem each generate one step per iteration (the generator stops at ``step_delimiter``);
@@ -181,9 +187,14 @@ def beam_search(problems: Sequence[str], generator: Generator, verifier: StepVer
             as in :func:`best_of_n`.
         dedup: among candidates of a problem with identical text keep only the best-scoring one.
 
+        group: a torch.distributed process group: split the problems over its ranks, each with its own
+            generator and verifier; every rank returns the whole result (:mod:`fastsearch.search.sharding`).
+
     Returns:
         :class:`~fastsearch.search.SearchResult` with up to n candidates per problem, best first.
     """
+    if group is not None:
+        return on_problem_shards(beam_search, locals())
     n, beam_width, max_steps, lookahead = _beam_options(n, beam_width, max_steps, lookahead)
     name = f"beam_search(n={n}, beam_width={beam_width}" + (f", lookahead={lookahead})" if lookahead else ")")
     with SearchRun(name, problems, generator, verifier, aggregate=aggregate, vote=vote, answer_fn=answer_fn,
@@ -227,7 +238,7 @@ def dvts(problems: Sequence[str], generator: Generator, verifier: StepVerifier, 
          max_steps: int = 40, lookahead: int = 0, step_delimiter: str = "\n\n", aggregate: str = "last",
          vote: str = "none", answer_fn: Callable[[str], str] = extract_answer, temperature: float = 0.8,
          max_tokens: int = 2048, prompt_fn: Callable[[str], str] | None = None, seed: int | None = None,
-         progress: bool = False) -> SearchResult:
+         progress: bool = False, group=None) -> SearchResult:
     """Diverse verifier tree search: n / beam_width independent subtrees per problem, each greedy on the PRM.
 
     Every step each open subtree samples ``beam_width`` continuations of its beam (one generator call for
@@ -242,9 +253,14 @@ def dvts(problems: Sequence[str], generator: Generator, verifier: StepVerifier, 
         beam_width: continuations per subtree per step (M); n must be divisible by it.
         max_steps, lookahead: as in :func:`beam_search`.
 
+        group: a torch.distributed process group: split the problems over its ranks, each with its own
+            generator and verifier; every rank returns the whole result (:mod:`fastsearch.search.sharding`).
+
     Returns:
         :class:`~fastsearch.search.SearchResult` with n / beam_width candidates per problem (subtree order).
     """
+    if group is not None:
+        return on_problem_shards(dvts, locals())
     n, beam_width, max_steps, lookahead = _beam_options(n, beam_width, max_steps, lookahead)
     name = f"dvts(n={n}, beam_width={beam_width}" + (f", lookahead={lookahead})" if lookahead else ")")
     subtrees = n // beam_width
@@ -293,7 +309,7 @@ def particle_filter(problems: Sequence[str], generator: Generator, verifier: Ste
                     step_delimiter: str = "\n\n", aggregate: str = "last", vote: str = "none",
                     answer_fn: Callable[[str], str] = extract_answer, temperature: float = 0.8, max_tokens: int = 2048,
                     prompt_fn: Callable[[str], str] | None = None, seed: int | None = None,
-                    progress: bool = False) -> SearchResult:
+                    progress: bool = False, group=None) -> SearchResult:
     """Particle filtering with a PRM (Puri et al. 2025): n particles per problem, weighted by their score.
 
     Every step each open particle generates one step and is scored; its log-weight is
@@ -311,9 +327,14 @@ def particle_filter(problems: Sequence[str], generator: Generator, verifier: Ste
         resample: ``"systematic"`` (default), ``"multinomial"``, ``"stratified"`` or ``"residual"``.
         ess_threshold: resample when ESS < ``ess_threshold * n`` (1.0: nearly every step; 0: never).
 
+        group: a torch.distributed process group: split the problems over its ranks, each with its own
+            generator and verifier; every rank returns the whole result (:mod:`fastsearch.search.sharding`).
+
     Returns:
         :class:`~fastsearch.search.SearchResult` with n candidates per problem.
     """
+    if group is not None:
+        return on_problem_shards(particle_filter, locals())
     n = check_int("n", n)
     max_steps = check_int("max_steps", max_steps)
     check_choice("resample", resample, RESAMPLE_METHODS)
