@@ -1,15 +1,15 @@
 """Dataset scale-out with Ray Data: one search per actor, each actor a model replica, problems streamed in
 batches. Run with a Ray installation (a local cluster starts by itself):
 
-    python examples/ray_dataset_search.py
+    pip install 'ray[data]' && python -m fastsearch.demos.ray_dataset
+
+(ray is not a dependency of fastsearch and not installed by `make test`: this demo is run by hand.)
 
 Checks that the answers equal one process's beam search over the whole dataset with the same seed (each problem's
 search is independent of the other problems of its batch).
 """
 
 from __future__ import annotations
-
-import ray
 
 from fastsearch.models import reasoning
 from fastsearch.search import beam_search
@@ -30,6 +30,10 @@ class SearchActor:
 
 
 def main() -> None:
+    try:
+        import ray
+    except ImportError as error:
+        raise SystemExit("this demo needs Ray: pip install 'ray[data]'") from error
     ray.init(num_cpus=2, include_dashboard=False)
     problems = [p.text for p in reasoning.make_problems(16, seed=0)]
     dataset = ray.data.from_items([{"problem": text} for text in problems])

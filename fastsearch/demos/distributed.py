@@ -1,7 +1,7 @@
 """One search's candidates spread over every GPU (or CPU process) of a torchrun job, and a dataset's problems
 spread over the same ranks. Launch with
 
-    torchrun --nproc-per-node 2 examples/distributed_search.py
+    torchrun --nproc-per-node 2 -m fastsearch.demos.distributed
 
 (one process per GPU with NCCL when CUDA is there, else gloo on the CPU). Rank 0 prints the results, which equal
 what one process computes with the same seed.
