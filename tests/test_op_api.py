@@ -239,7 +239,7 @@ def test_sequence_keys_one_sequence_and_dense(device, backend):
         fastsearch.sequence_keys(tokens[None], backend=backend)
 
 
-@pytest.mark.parametrize("backend", ["torch"])
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
 def test_offsets_on_another_device_are_named(backend):
     """The error names `offsets` (the public word) and both devices; it once named an undefined variable."""
     steps = torch.tensor([0.9, 0.8, 0.3, 0.7])
