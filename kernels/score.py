@@ -328,9 +328,11 @@ def _ensemble_kernel(scores_ptr, offsets_ptr, weights_ptr, out_ptr, num, score_s
                      CHUNK: tl.constexpr, BLOCK_V: tl.constexpr):
     """Program (g, p) scores member blocks p, p + P, ... of group g, every verifier in turn."""
     if RAGGED:
+        # Clamped into [0, num], as the CUDA kernel clamps them: offsets on a GPU are not value-checked,
+        # and bad ones must not make a program read or write outside the scores.
         group = tl.program_id(0)
-        start = tl.load(offsets_ptr + group)
-        size = tl.load(offsets_ptr + group + 1) - start
+        start = tl.minimum(tl.maximum(tl.load(offsets_ptr + group), 0), num)
+        size = tl.minimum(tl.maximum(tl.load(offsets_ptr + group + 1), start), num) - start
     else:
         start = 0
         size = num
@@ -506,6 +508,8 @@ def cosine_scores(embeddings, references, offsets):
         layout = 1 if offsets is None else 2
         references, reference_stride = _rows(references)
     num_groups = 0 if offsets is None else offsets.numel() - 1
+    if layout == 2 and num_groups == 0:  # rows but no group: offsets only a GPU leaves unchecked, no reference
+        return scores.fill_(float("nan"))
     tile = _tile(GPU_MAX_WARPS, GPU_VALUES_PER_THREAD, on_gpu)
     # On a GPU a row chunk is a warp's worth of 16-byte vectors; the rows fill the other warps.
     row_chunk = 32 * (16 // embeddings.element_size()) if on_gpu else INTERPRETER_MAX_BLOCK_H
@@ -529,7 +533,10 @@ def ensemble_scores(scores, offsets, how, weights):
     if offsets is None:
         groups, group_size = 1, num
     else:
-        groups, group_size = offsets.numel() - 1, -(-num // (offsets.numel() - 1))
+        groups = offsets.numel() - 1
+        if groups == 0:  # no group holds a candidate: offsets the checks refuse where they can read them
+            return out.fill_(float("nan"))
+        group_size = -(-num // groups)
     block = max(16, min(GPU_MAX_MEMBERS if on_gpu else INTERPRETER_MAX_MEMBERS, triton.next_power_of_2(group_size)))
     chunk = max(1, tile // block)
     # Each group's member blocks are spread over programs; with few groups, several a group (those past a

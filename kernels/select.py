@@ -37,15 +37,18 @@ _UNSELECTABLE = tl.constexpr(-(2**63))
 
 
 @triton.jit
-def _group_bounds(offsets_ptr, group_size, RAGGED: tl.constexpr):
+def _group_bounds(offsets_ptr, group_size, total, RAGGED: tl.constexpr):
     """This program's group: (group, first flat element, size, what a local index adds when reported).
 
-    Reported indices are flat for ragged input and row-local for dense input.
+    Reported indices are flat for ragged input and row-local for dense input. Ragged bounds are clamped
+    into [0, total], as the CUDA kernels clamp them: offsets that were not value-checked (on a GPU)
+    never make a program read outside the data.
     """
     group = tl.program_id(0)
     if RAGGED:
-        start = tl.load(offsets_ptr + group)
-        size = (tl.load(offsets_ptr + group + 1) - start).to(tl.int32)
+        start = tl.minimum(tl.maximum(tl.load(offsets_ptr + group), 0), total)
+        end = tl.minimum(tl.maximum(tl.load(offsets_ptr + group + 1), start), total)
+        size = (end - start).to(tl.int32)
         index_base = start
     else:
         start = group.to(tl.int64) * group_size
@@ -118,10 +121,10 @@ def _sort_best_first(key, LOG_BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _segmented_topk_kernel(scores_ptr, offsets_ptr, mask_ptr, values_ptr, indices_ptr, group_size, k,
+def _segmented_topk_kernel(scores_ptr, offsets_ptr, mask_ptr, values_ptr, indices_ptr, group_size, total, k,
                            RAGGED: tl.constexpr, HAS_MASK: tl.constexpr, LARGEST: tl.constexpr,
                            BLOCK: tl.constexpr, LOG_BLOCK: tl.constexpr):
-    group, start, size, index_base = _group_bounds(offsets_ptr, group_size, RAGGED)
+    group, start, size, index_base = _group_bounds(offsets_ptr, group_size, total, RAGGED)
     column = tl.arange(0, BLOCK)
     inside = column < size
     score = tl.load(scores_ptr + start + column, mask=inside, other=0.0)
@@ -166,10 +169,10 @@ def _beam_candidates(scores_ptr, finished_ptr, lengths_ptr, start, column, insid
 @triton.jit
 def _beam_prune_kernel(scores_ptr, offsets_ptr, finished_ptr, lengths_ptr, dedup_keys_ptr,
                        indices_ptr, values_ptr, counts_ptr, parents_ptr,
-                       length_penalty, negative_length_sign, group_size, k, refill_to,
+                       length_penalty, negative_length_sign, group_size, total, k, refill_to,
                        RAGGED: tl.constexpr, HAS_FINISHED: tl.constexpr, PENALISED: tl.constexpr,
                        DEDUP: tl.constexpr, BLOCK: tl.constexpr, LOG_BLOCK: tl.constexpr, CHUNK: tl.constexpr):
-    group, start, size, index_base = _group_bounds(offsets_ptr, group_size, RAGGED)
+    group, start, size, index_base = _group_bounds(offsets_ptr, group_size, total, RAGGED)
     column = tl.arange(0, BLOCK)
     inside = column < size
     adjusted, selectable = _beam_candidates(scores_ptr, finished_ptr, lengths_ptr, start, column, inside,
@@ -255,10 +258,10 @@ def _stream_uniform(seed, position):
 
 
 @triton.jit(do_not_specialize=["seed", "num_samples"])
-def _resample_kernel(log_weights_ptr, offsets_ptr, ancestors_ptr, seed: tl.int64, group_size, num_samples,
+def _resample_kernel(log_weights_ptr, offsets_ptr, ancestors_ptr, seed: tl.int64, group_size, total, num_samples,
                      METHOD: tl.constexpr, RAGGED: tl.constexpr, BLOCK: tl.constexpr, LOG_BLOCK: tl.constexpr,
                      SAMPLE_BLOCK: tl.constexpr):
-    group, start, size, _ = _group_bounds(offsets_ptr, group_size, RAGGED)
+    group, start, size, _ = _group_bounds(offsets_ptr, group_size, total, RAGGED)
     column = tl.arange(0, BLOCK)
     weights, _ = _shifted_weights(log_weights_ptr, start, column, column < size)
     weights = tl.math.div_rn(weights, tl.sum(weights))
@@ -297,15 +300,21 @@ def _resample_kernel(log_weights_ptr, offsets_ptr, ancestors_ptr, seed: tl.int64
 
 
 @triton.jit
-def _effective_sample_size_kernel(log_weights_ptr, offsets_ptr, ess_ptr, group_size, RAGGED: tl.constexpr,
+def _effective_sample_size_kernel(log_weights_ptr, offsets_ptr, ess_ptr, group_size, total, RAGGED: tl.constexpr,
                                   BLOCK: tl.constexpr):
-    group, start, size, _ = _group_bounds(offsets_ptr, group_size, RAGGED)
+    group, start, size, _ = _group_bounds(offsets_ptr, group_size, total, RAGGED)
     column = tl.arange(0, BLOCK)
-    weights, finite = _shifted_weights(log_weights_ptr, start, column, column < size)
+    inside = column < size
+    weights, finite = _shifted_weights(log_weights_ptr, start, column, inside)
     total = tl.sum(weights)
     # With a finite max the largest weight is 1, so the denominator is at least 1.
     squares = tl.where(finite, tl.sum(weights * weights), 1.0)
-    tl.store(ess_ptr + group, tl.where(finite, tl.math.div_rn(total * total, squares), 0.0))
+    ess = tl.where(finite, tl.math.div_rn(total * total, squares), 0.0)
+    # A NaN or +inf log-weight is not a weight: the group's ESS is NaN. Counted explicitly, since tl.max
+    # drops NaN on a GPU (and keeps it under the interpreter).
+    log_weight = tl.load(log_weights_ptr + start + column, mask=inside, other=0.0).to(tl.float32)
+    not_weights = tl.sum(((log_weight != log_weight) | (log_weight == float("inf"))).to(tl.int32))
+    tl.store(ess_ptr + group, tl.where(not_weights > 0, float("nan"), ess))
 
 
 # -- vote -----------------------------------------------------------------------------------------------
@@ -328,10 +337,10 @@ def _voters(answer_keys_ptr, scores_ptr, mask_ptr, start, column, inside, HAS_MA
 
 
 @triton.jit
-def _vote_kernel(answer_keys_ptr, scores_ptr, offsets_ptr, mask_ptr, winners_ptr, group_size,
+def _vote_kernel(answer_keys_ptr, scores_ptr, offsets_ptr, mask_ptr, winners_ptr, group_size, total,
                  MODE: tl.constexpr, RAGGED: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr,
                  CHUNK: tl.constexpr):
-    group, start, size, index_base = _group_bounds(offsets_ptr, group_size, RAGGED)
+    group, start, size, index_base = _group_bounds(offsets_ptr, group_size, total, RAGGED)
     column = tl.arange(0, BLOCK)
     key, score, voter = _voters(answer_keys_ptr, scores_ptr, mask_ptr, start, column, column < size, HAS_MASK,
                                 MODE)
@@ -361,9 +370,13 @@ def _vote_kernel(answer_keys_ptr, scores_ptr, offsets_ptr, mask_ptr, winners_ptr
             best = tl.max(tl.where(voter, tally, -1))
             winner = tl.min(tl.where(voter & (reached == best), column, BLOCK))
         else:
-            # The earliest voter with the top sum is the first voter of the tied answer seen first.
-            best = tl.max(tl.where(voter, tally, float("-inf")))
-            winner = tl.min(tl.where(voter & (tally == best), column, BLOCK))
+            # The earliest voter with the top sum is the first voter of the tied answer seen first. A NaN
+            # sum (+inf and -inf in one answer) loses to every number; with only NaN sums the first
+            # answer wins. NaN is masked out explicitly: tl.max drops it on a GPU, keeps it interpreted.
+            numeric = voter & (tally == tally)
+            best = tl.max(tl.where(numeric, tally, float("-inf")))
+            any_numeric = tl.sum(numeric.to(tl.int32)) > 0
+            winner = tl.min(tl.where(tl.where(any_numeric, numeric & (tally == best), voter), column, BLOCK))
     # Report the winning answer's first voter.
     winner_key = tl.load(answer_keys_ptr + start + winner, mask=winner < size, other=0)
     first_voter = tl.min(tl.where(voter & (key == winner_key), column, BLOCK))
@@ -382,8 +395,8 @@ def _mix64(z):
 
 
 @triton.jit
-def _sequence_keys_kernel(token_ids_ptr, offsets_ptr, keys_ptr, BLOCK: tl.constexpr):
-    sequence, start, length, _ = _group_bounds(offsets_ptr, 0, True)
+def _sequence_keys_kernel(token_ids_ptr, offsets_ptr, keys_ptr, total, BLOCK: tl.constexpr):
+    sequence, start, length, _ = _group_bounds(offsets_ptr, 0, total, True)
     step = tl.arange(0, BLOCK)
     total = tl.zeros([BLOCK], tl.uint64)
     for first in range(0, length, BLOCK):
@@ -406,8 +419,15 @@ def _groups(values, offsets):
     if offsets is None:
         return values.shape[0], values.shape[1], values.shape[1]
     sizes = offsets[1:] - offsets[:-1]
-    # One read of the sizes (a device sync on a GPU) sizes the register block of every group.
-    return sizes.numel(), int(sizes.max()) if sizes.numel() else 0, 0
+    # One read to the host (a device sync on a GPU) sizes the register block of every group and checks
+    # the offsets on every device: first and last offset, smallest and largest size.
+    spread = torch.stack([sizes.min(), sizes.max()]) if sizes.numel() else sizes.new_zeros(2)
+    first, last, smallest, largest = torch.cat([offsets[[0, -1]], spread]).tolist()
+    if first != 0 or last != values.numel():
+        raise ValueError(f"offsets must start at 0 and end at T={values.numel()}, got {first} ... {last}")
+    if smallest < 0:
+        raise ValueError("offsets must be non-decreasing")
+    return sizes.numel(), largest, 0
 
 
 def _block(largest_group):
@@ -442,7 +462,8 @@ def segmented_topk(scores, offsets, mask, k, largest):
         return values, indices
     block = _block(largest_group)
     _segmented_topk_kernel[(groups,)](scores, _optional(offsets, scores), _optional(mask, scores), values, indices,
-                                      group_size, k, RAGGED=offsets is not None, HAS_MASK=mask is not None,
+                                      group_size, scores.numel(), k, RAGGED=offsets is not None,
+                                      HAS_MASK=mask is not None,
                                       LARGEST=largest, BLOCK=block, LOG_BLOCK=block.bit_length() - 1,
                                       num_warps=_num_warps(block, scores.is_cuda))
     return values, indices
@@ -465,7 +486,7 @@ def beam_prune(scores, offsets, k, finished, lengths, length_penalty, dedup_keys
     _beam_prune_kernel[(groups,)](scores, _optional(offsets, scores), _optional(finished, scores),
                                   _optional(lengths, scores), _optional(dedup_keys, scores),
                                   indices, values, counts, parents, float(length_penalty), negative_length_sign,
-                                  group_size, k, refill_to, RAGGED=offsets is not None,
+                                  group_size, scores.numel(), k, refill_to, RAGGED=offsets is not None,
                                   HAS_FINISHED=finished is not None, PENALISED=penalised,
                                   DEDUP=dedup_keys is not None, BLOCK=block, LOG_BLOCK=block.bit_length() - 1,
                                   CHUNK=_pair_chunk(block, num_warps, scores.is_cuda), num_warps=num_warps,
@@ -482,7 +503,8 @@ def resample(log_weights, offsets, num_samples, method, seed):
     block = _block(largest_group)
     sample_block = _strip(num_samples, log_weights.is_cuda)
     _resample_kernel[(groups,)](log_weights, _optional(offsets, log_weights), ancestors, seed, group_size,
-                                num_samples, METHOD=method, RAGGED=offsets is not None, BLOCK=block,
+                                log_weights.numel(), num_samples, METHOD=method, RAGGED=offsets is not None,
+                                BLOCK=block,
                                 LOG_BLOCK=block.bit_length() - 1, SAMPLE_BLOCK=sample_block,
                                 num_warps=_num_warps(max(block, sample_block), log_weights.is_cuda),
                                 enable_fp_fusion=False)
@@ -497,7 +519,7 @@ def effective_sample_size(log_weights, offsets):
         return ess
     block = _block(largest_group)
     _effective_sample_size_kernel[(groups,)](log_weights, _optional(offsets, log_weights), ess, group_size,
-                                             RAGGED=offsets is not None, BLOCK=block,
+                                             log_weights.numel(), RAGGED=offsets is not None, BLOCK=block,
                                              num_warps=_num_warps(block, log_weights.is_cuda), enable_fp_fusion=False)
     return ess
 
@@ -511,20 +533,22 @@ def vote(answer_keys, scores, offsets, mask, mode):
     block = _block(largest_group)
     num_warps = _num_warps(block, answer_keys.is_cuda)
     _vote_kernel[(groups,)](answer_keys, _optional(scores, answer_keys), _optional(offsets, answer_keys),
-                            _optional(mask, answer_keys), winners, group_size, MODE=mode,
+                            _optional(mask, answer_keys), winners, group_size, answer_keys.numel(),
+                            MODE=mode,
                             RAGGED=offsets is not None, HAS_MASK=mask is not None, BLOCK=block,
                             CHUNK=_pair_chunk(block, num_warps, answer_keys.is_cuda), num_warps=num_warps)
     return winners
 
 
 def sequence_keys(token_ids, offsets):
-    token_ids = token_ids.contiguous()
+    # The kernel reads both as dense arrays: a strided or expanded (stride-0) tensor is copied first.
+    token_ids, offsets = token_ids.contiguous(), offsets.contiguous()
     sequences = offsets.shape[0] - 1
     keys = token_ids.new_empty((sequences,), dtype=torch.int64)
     if sequences == 0:
         return keys
     # Sized by the mean length, known without reading the offsets; longer sequences loop.
     block = _strip(triton.cdiv(token_ids.numel(), sequences), token_ids.is_cuda)
-    _sequence_keys_kernel[(sequences,)](token_ids, offsets, keys, BLOCK=block,
+    _sequence_keys_kernel[(sequences,)](token_ids, offsets, keys, token_ids.numel(), BLOCK=block,
                                         num_warps=_num_warps(block, token_ids.is_cuda))
     return keys

@@ -8,6 +8,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <cmath>
 #include <initializer_list>
 #include <optional>
 
@@ -73,10 +74,12 @@ inline void check_segmented_topk_args(const at::Tensor& scores, const std::optio
 
 inline void check_beam_prune_args(const at::Tensor& scores, const std::optional<at::Tensor>& offsets, int64_t k,
                                   const std::optional<at::Tensor>& finished, const std::optional<at::Tensor>& lengths,
-                                  const std::optional<at::Tensor>& dedup_keys, int64_t refill_to) {
+                                  double length_penalty, const std::optional<at::Tensor>& dedup_keys,
+                                  int64_t refill_to) {
   check_scores("scores", scores);
   check_groups("scores", scores, offsets);
   check_at_least_one("k", k);
+  TORCH_CHECK_VALUE(std::isfinite(length_penalty), "length_penalty must be finite, got ", length_penalty);
   check_like_groups("finished", finished, scores, {at::kBool}, "bool");
   check_like_groups("lengths", lengths, scores,
                     {at::kLong, at::kInt, at::kShort, at::kChar, at::kByte, at::kFloat, at::kDouble}, "numeric");
@@ -97,10 +100,12 @@ inline void check_resample_args(const at::Tensor& log_weights, const std::option
   TORCH_CHECK_VALUE(method >= 0 && method <= 3, "method must be 0..3, got ", method);
 }
 
-// What a resample kernel found: the lowest group holding a NaN log-weight and the lowest group with no
-// finite log-weight (empty or all -inf), each -1 when there is none. A NaN is reported first, as in Python.
+// What a resample kernel found: the lowest group holding a NaN or +inf log-weight (not a weight) and the
+// lowest group with no finite log-weight (empty or all -inf), each -1 when there is none. The first is
+// reported first, as in Python.
 inline void report_resample_errors(int64_t first_nan_group, int64_t first_dead_group) {
-  TORCH_CHECK_VALUE(first_nan_group < 0, "log_weights contain NaN");
+  TORCH_CHECK_VALUE(first_nan_group < 0, "log_weights contain NaN or +inf (group ", first_nan_group,
+                    "): a log-weight must be a number below +inf");
   TORCH_CHECK_VALUE(first_dead_group < 0, "group ", first_dead_group,
                     " has no candidate with finite log-weight (all -inf or empty): nothing to resample from");
 }

@@ -127,8 +127,9 @@ at::Tensor resample(const at::Tensor& log_weights, const std::optional<at::Tenso
     WeightScratch& s = thread_scratch<WeightScratch>();
     float* w = room_for(s.weights, size);
     const float top = group_weights(dtype, data, begin, size, w);
-    if (std::isnan(top) || top == -kInfinity) {
-      lower_to(std::isnan(top) ? first_nan_group : first_dead_group, group);
+    // NaN or +inf: not a weight; -inf: empty or all -inf. Both are errors, reported after the loop.
+    if (!std::isfinite(top)) {
+      lower_to(top == -kInfinity ? first_dead_group : first_nan_group, group);
       return;
     }
     const float total = sum_to_float(w, size);
@@ -187,9 +188,10 @@ at::Tensor effective_sample_size(const at::Tensor& log_weights, const std::optio
   for_each_group(groups, {2.0, 10.0}, [&](int64_t group, int64_t begin, int64_t size) {
     float* w = room_for(thread_scratch<WeightScratch>().weights, size);
     const float top = group_weights(dtype, data, begin, size, w);
-    // No finite maximum (empty, all -inf, a NaN or a +inf): the reference reports 0.
+    // No finite maximum: NaN for a group holding a NaN or +inf (not a weight), 0 for an empty or all
+    // -inf group, as the reference reports.
     if (!std::isfinite(top)) {
-      ess_out[group] = 0.0f;
+      ess_out[group] = top == -kInfinity ? 0.0f : std::numeric_limits<float>::quiet_NaN();
       return;
     }
     double sum = 0.0;

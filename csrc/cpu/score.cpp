@@ -459,7 +459,8 @@ void mean_ranks(const float* x, int64_t size, EnsembleScratch& s, float* ranks) 
 }
 
 // z-scores of x[0, size) over its finite members (population std, z = 0 when it is 0); +inf stays +inf,
-// -inf and NaN score -inf.
+// -inf and NaN score -inf. Mean, deviations, std and z in fp64, z rounded once to fp32, as the reference
+// computes them: an fp32 mean of close scores (1e4 and 1e4 + 1 ulp) would round onto one of them.
 void z_scores(const float* x, int64_t size, float* z) {
   int64_t count = 0;
   double sum = 0.0;
@@ -469,22 +470,23 @@ void z_scores(const float* x, int64_t size, float* z) {
       sum += x[i];
     }
   }
-  const float mean = count > 0 ? static_cast<float>(sum / static_cast<double>(count)) : 0.0f;
+  const double divisor = static_cast<double>(std::max<int64_t>(count, 1));
+  const double mean = sum / divisor;
   double squares = 0.0;
   for (int64_t i = 0; i < size; ++i) {
     if (std::isfinite(x[i])) {
-      const float deviation = x[i] - mean;
+      const double deviation = static_cast<double>(x[i]) - mean;
       squares += deviation * deviation;
     }
   }
-  const float std_dev = count > 0 ? std::sqrt(static_cast<float>(squares / static_cast<double>(count))) : 0.0f;
+  const double std_dev = std::sqrt(squares / divisor);
   for (int64_t i = 0; i < size; ++i) {
     if (std::isnan(x[i]) || x[i] == -kInfinity) {
       z[i] = -kInfinity;
     } else if (x[i] == kInfinity) {
       z[i] = kInfinity;
     } else {
-      z[i] = std_dev > 0.0f ? (x[i] - mean) / std_dev : 0.0f;
+      z[i] = std_dev > 0.0 ? static_cast<float>((static_cast<double>(x[i]) - mean) / std_dev) : 0.0f;
     }
   }
 }

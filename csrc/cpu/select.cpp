@@ -339,7 +339,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> beam_prune(
     const at::Tensor& scores, const std::optional<at::Tensor>& offsets, int64_t k,
     const std::optional<at::Tensor>& finished, const std::optional<at::Tensor>& lengths, double length_penalty,
     const std::optional<at::Tensor>& dedup_keys, int64_t refill_to) {
-  check_beam_prune_args(scores, offsets, k, finished, lengths, dedup_keys, refill_to);
+  check_beam_prune_args(scores, offsets, k, finished, lengths, length_penalty, dedup_keys, refill_to);
   const Contiguous x = scores.expect_contiguous();
   const Contiguous bounds = contiguous_or_none(offsets);
   const Contiguous done = contiguous_or_none(finished);

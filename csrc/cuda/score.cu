@@ -653,7 +653,7 @@ struct EnsembleProblem {
 
 struct EnsembleStorage {
   uint32_t keys[kRankTile];
-  float float_slots[kWarps];
+  double sum_slots[kWarps];
   int64_t count_slots[kWarps];
 };
 
@@ -694,10 +694,11 @@ __device__ void add_ranks(const T* x, int64_t size, float weight, float* out, En
 }
 
 // out[i] += weight * z-score of x[i] over the finite members (population std; 0 where it is 0); +inf for
-// +inf, -inf for -inf and NaN.
+// +inf, -inf for -inf and NaN. Sums, mean, std and z in fp64, z rounded once to fp32, as the reference does:
+// an fp32 mean of close scores would round onto one of them.
 template <typename T>
 __device__ void add_zscores(const T* x, int64_t size, float weight, float* out, EnsembleStorage& s) {
-  float sum = 0.0f;
+  double sum = 0.0;
   int64_t count = 0;
   for (int64_t i = threadIdx.x; i < size; i += kThreads) {
     const float value = as_fp32(x[i]);
@@ -706,16 +707,19 @@ __device__ void add_zscores(const T* x, int64_t size, float weight, float* out, 
       ++count;
     }
   }
-  sum = block_sum(sum, s.float_slots);
+  sum = block_sum(sum, s.sum_slots);
   count = block_sum(count, s.count_slots);
-  const float divisor = static_cast<float>(max(count, int64_t{1}));
-  const float mean = sum / divisor;
-  float squares = 0.0f;
+  const double divisor = static_cast<double>(max(count, int64_t{1}));
+  const double mean = sum / divisor;
+  double squares = 0.0;
   for (int64_t i = threadIdx.x; i < size; i += kThreads) {
     const float value = as_fp32(x[i]);
-    if (isfinite(value)) squares += (value - mean) * (value - mean);
+    if (isfinite(value)) {
+      const double deviation = static_cast<double>(value) - mean;
+      squares += deviation * deviation;
+    }
   }
-  const float deviation = sqrtf(block_sum(squares, s.float_slots) / divisor);
+  const double deviation = sqrt(block_sum(squares, s.sum_slots) / divisor);
   for (int64_t i = threadIdx.x; i < size; i += kThreads) {
     const float value = as_fp32(x[i]);
     float z;
@@ -724,7 +728,7 @@ __device__ void add_zscores(const T* x, int64_t size, float weight, float* out, 
     } else if (isnan(value) || value == -INFINITY) {
       z = -INFINITY;
     } else {
-      z = deviation > 0.0f ? (value - mean) / deviation : 0.0f;
+      z = deviation > 0.0 ? static_cast<float>((static_cast<double>(value) - mean) / deviation) : 0.0f;
     }
     out[i] += weight * z;
   }

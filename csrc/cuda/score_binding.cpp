@@ -20,6 +20,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <optional>
@@ -172,6 +173,8 @@ at::Tensor cosine_scores_cuda(const at::Tensor& embeddings, const at::Tensor& re
     layout = gpu::ReferenceLayout::kGrouped;
   }
   at::Tensor out = at::empty({rows.size(0)}, rows.options().dtype(at::kFloat));
+  // No group for N > 0 rows: offsets that only a GPU leaves unchecked. No reference row exists to read.
+  if (layout == gpu::ReferenceLayout::kGrouped && bounds.numel() == 1) return out.fill_(NAN);
   gpu::launch_cosine_scores(gpu::dtype_of(rows), rows.const_data_ptr(), rows.size(0), rows.size(1),
                             refs.const_data_ptr(), layout,
                             offsets.has_value() ? bounds.const_data_ptr<int64_t>() : nullptr,
@@ -192,6 +195,8 @@ at::Tensor ensemble_scores_cuda(const at::Tensor& scores, const std::optional<at
   TORCH_CHECK_VALUE(groups <= std::numeric_limits<int32_t>::max(), "the CUDA kernels take fewer than 2^31 groups, got ",
                     groups);
   at::Tensor out = at::empty({x.size(1)}, x.options().dtype(at::kFloat));
+  // No group for N > 0 candidates: offsets that only a GPU leaves unchecked; nothing is ranked.
+  if (groups == 0) return out.fill_(NAN);
   gpu::launch_ensemble_scores(score_type_of(x), x.const_data_ptr(), x.size(0), x.size(1),
                               offsets.has_value() ? bounds.const_data_ptr<int64_t>() : nullptr, groups,
                               static_cast<gpu::EnsembleMethod>(how),

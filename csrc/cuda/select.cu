@@ -771,9 +771,10 @@ __global__ void __launch_bounds__(kThreads)
   const GroupRange range = group_range(layout, group);
   const T* weights_in = log_weights + range.begin;
   const float top = group_max(weights_in, range.size, temp.max, top_slot);
-  // No finite maximum (empty, all -inf, a NaN or a +inf): the reference reports 0.
+  // No finite maximum: NaN for a group holding a NaN or a +inf (not a weight; the max lets NaN
+  // through), 0 for an empty or all -inf group, as the reference reports.
   if (!isfinite(top)) {
-    if (threadIdx.x == 0) ess[group] = 0.0f;
+    if (threadIdx.x == 0) ess[group] = top == -INFINITY ? 0.0f : NAN;
     return;
   }
   WeightSums sums{0.0f, 0.0f};
@@ -856,8 +857,9 @@ __global__ void __launch_bounds__(kThreads)
   const GroupRange range = group_range(layout, group);
   const T* weights_in = log_weights + range.begin;
   const float top = group_max(weights_in, range.size, s.temp.value, s.float_slot);
-  if (isnan(top) || top == -INFINITY) {
-    if (threadIdx.x == 0) atomicMin(&status[isnan(top) ? 0 : 1], static_cast<unsigned long long>(group));
+  // status[0]: a NaN or +inf log-weight (not a weight); status[1]: no finite log-weight (empty, all -inf).
+  if (!isfinite(top)) {
+    if (threadIdx.x == 0) atomicMin(&status[top == -INFINITY ? 1 : 0], static_cast<unsigned long long>(group));
     return;
   }
   GroupWeights<T> weights{weights_in, isfinite(top) ? top : 0.0f, 0.0f};

@@ -108,7 +108,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> beam_prune_cuda(
     const at::Tensor& scores, const std::optional<at::Tensor>& offsets, int64_t k,
     const std::optional<at::Tensor>& finished, const std::optional<at::Tensor>& lengths, double length_penalty,
     const std::optional<at::Tensor>& dedup_keys, int64_t refill_to) {
-  check_beam_prune_args(scores, offsets, k, finished, lengths, dedup_keys, refill_to);
+  check_beam_prune_args(scores, offsets, k, finished, lengths, length_penalty, dedup_keys, refill_to);
   const c10::cuda::CUDAGuard device_guard(scores.device());
   const at::Tensor x = scores.contiguous();
   at::Tensor offsets_storage, finished_storage, lengths_storage, dedup_storage;
@@ -143,7 +143,7 @@ at::Tensor resample_cuda(const at::Tensor& log_weights, const std::optional<at::
                        ancestors.mutable_data_ptr<int64_t>(), status.mutable_data_ptr<int64_t>(),
                        c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  // The one sync of the op: a NaN or a group without finite log-weight is an error.
+  // The one sync of the op: a NaN or +inf log-weight, or a group without finite log-weight, is an error.
   const at::Tensor found = status.cpu();
   report_resample_errors(found.const_data_ptr<int64_t>()[0], found.const_data_ptr<int64_t>()[1]);
   return ancestors;

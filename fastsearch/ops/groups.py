@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from fastsearch.ops._common import tensor_arg
+from fastsearch.ops._select_checks import group_sizes
 
 
 def num_groups(values: torch.Tensor, offsets: torch.Tensor | None) -> int:
@@ -26,7 +27,10 @@ def pad_groups(values: torch.Tensor, offsets: torch.Tensor | None, fill) -> tupl
         groups, size = values.shape
         index = torch.arange(size, device=values.device).expand(groups, size)
         return values, index
-    sizes = offsets[1:] - offsets[:-1]
+    if offsets.device.type == "cpu":  # value-checked by check_groups
+        sizes = offsets[1:] - offsets[:-1]
+    else:  # checked here, in the read to the host that the width needs anyway: no read out of bounds
+        sizes = group_sizes(offsets, values.shape[0])
     width = int(sizes.max()) if sizes.numel() else 0
     column = torch.arange(width, device=values.device)
     inside = column < sizes[:, None]

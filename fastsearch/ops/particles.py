@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from fastsearch.ops._common import Op, int_arg, lib, method_code, tensor_arg
+from fastsearch.ops._select_checks import check_output_width, optional_tensor_arg
 from fastsearch.ops.groups import check_at_least_one, check_groups, check_scores, num_groups, pad_groups
 from fastsearch.ops.noise import philox_uniforms
 from fastsearch.seeding import check_seed
@@ -35,10 +36,12 @@ def _normalised_weights(log_weights, offsets):
 def _resample_reference(log_weights, offsets, num_samples, method, seed):
     if offsets is None:  # resample reports flat indices for dense input too
         groups, size = log_weights.shape
-        offsets = torch.arange(0, (groups + 1) * size, size, device=log_weights.device)
+        offsets = torch.arange(groups + 1, device=log_weights.device) * size
         log_weights = log_weights.reshape(-1)
     weights, index, _ = _normalised_weights(log_weights, offsets)
     groups = weights.shape[0]
+    if groups == 0:  # no group: no draw (a group without candidates is refused by the check)
+        return torch.empty((0, num_samples), dtype=torch.int64, device=log_weights.device)
     weights = weights / weights.sum(-1, keepdim=True)
     cdf = torch.cumsum(weights, dim=-1)
     # The last candidate with weight ends the CDF at exactly 1, so no draw lands past it on rounding.
@@ -82,7 +85,11 @@ def _effective_sample_size_reference(log_weights, offsets):
     weights, _, top = _normalised_weights(log_weights, offsets)
     total = weights.sum(-1)
     ess = total * total / (weights * weights).sum(-1)
-    return torch.where(torch.isfinite(top), ess, torch.zeros_like(ess))
+    ess = torch.where(torch.isfinite(top), ess, torch.zeros_like(ess))
+    # A NaN or +inf log-weight is not a weight: that group's ESS is NaN (empty and all -inf groups give 0).
+    padded, index = pad_groups(log_weights.float(), offsets, 0.0)  # read as fp32: 1e300 in float64 is +inf
+    not_weight = ((torch.isnan(padded) | (padded == torch.inf)) & (index >= 0)).any(-1)
+    return torch.where(not_weight, torch.full_like(ess, torch.nan), ess)
 
 
 # -- checks for the Python backends (the C++ kernels run the same checks) ------------------------------
@@ -98,11 +105,14 @@ def _check_resample(log_weights, offsets, num_samples, method, seed):
     check_at_least_one("num_samples", num_samples)
     if method not in (0, 1, 2, 3):
         raise ValueError(f"method must be 0..3, got {method}")
-    weights = log_weights.reshape(-1) if offsets is None else log_weights
-    if bool(torch.isnan(weights).any()):
-        raise ValueError("log_weights contain NaN")
-    groups = pad_groups(log_weights, offsets, -torch.inf)[0] if offsets is not None else log_weights
-    alive = (groups > -torch.inf).any(-1) if groups.shape[-1] else torch.zeros(groups.shape[0], dtype=torch.bool)
+    # Log-weights are read as fp32, as every kernel reads them: a float64 1e300 is +inf there.
+    groups, index = pad_groups(log_weights.float(), offsets, -torch.inf)
+    inside = index >= 0
+    not_weight = ((torch.isnan(groups) | (groups == torch.inf)) & inside).any(-1)
+    if bool(not_weight.any()):
+        raise ValueError(f"log_weights contain NaN or +inf (group {int(torch.nonzero(not_weight)[0])}): a "
+                         "log-weight must be a number below +inf")
+    alive = ((groups > -torch.inf) & inside).any(-1)
     if not bool(alive.all()):
         dead = int(torch.nonzero(~alive)[0])
         raise ValueError(f"group {dead} has no candidate with finite log-weight (all -inf or empty): "
@@ -155,7 +165,8 @@ def resample(log_weights: torch.Tensor, num_samples: int, *, offsets: torch.Tens
 
     Args:
         log_weights: [G, C], flat [T] with ``offsets`` [G + 1], or [C] (one group); float. A group whose
-            weights are all -inf (or that is empty) is an error; NaN is an error.
+            weights are all -inf (or that is empty) is an error; NaN and +inf are errors. No group
+            (G = 0) gives an empty [0, N] result.
         num_samples: ancestors per group (N).
         offsets: int64 [G + 1] for ragged groups.
         method: see above.
@@ -169,6 +180,8 @@ def resample(log_weights: torch.Tensor, num_samples: int, *, offsets: torch.Tens
     code = method_code("method", method, RESAMPLE_METHODS)
     num_samples = int_arg("num_samples", num_samples)
     device = tensor_arg("log_weights", log_weights).device
+    optional_tensor_arg("offsets", offsets)
+    check_output_width("num_samples", num_samples, log_weights, offsets)
     if offsets is None and log_weights.dim() == 1:  # one group: its flat indices g * C + j are just j
         return RESAMPLE.run(backend, device, log_weights.unsqueeze(0), None, num_samples, code,
                             check_seed(seed)).squeeze(0)
@@ -185,10 +198,12 @@ def effective_sample_size(log_weights: torch.Tensor, *, offsets: torch.Tensor | 
         backend: ``"auto"``, ``"torch"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
 
     Returns:
-        [G] float32; 0 for a group with no finite weight (or no candidate). A 0-d tensor for 1-D
+        [G] float32; 0 for a group with no candidate or only -inf log-weights, NaN for a group holding a
+        NaN or +inf log-weight (not a weight). A 0-d tensor for 1-D
         ``log_weights`` without offsets.
     """
     device = tensor_arg("log_weights", log_weights).device
+    optional_tensor_arg("offsets", offsets)
     if offsets is None and log_weights.dim() == 1:
         return EFFECTIVE_SAMPLE_SIZE.run(backend, device, log_weights.unsqueeze(0), None).squeeze(0)
     return EFFECTIVE_SAMPLE_SIZE.run(backend, device, log_weights, offsets)

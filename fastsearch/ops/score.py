@@ -19,6 +19,7 @@ from typing import NamedTuple
 import torch
 
 from fastsearch.ops._common import FLOAT_DTYPES, Op, int_arg, lib, method_code, tensor_arg
+from fastsearch.ops._select_checks import optional_tensor_arg
 from fastsearch.ops.groups import check_groups, check_scores, pad_groups
 
 AGGREGATIONS = {"last": 0, "min": 1, "prod": 2, "mean": 3, "max": 4, "logit_sum": 5}
@@ -382,6 +383,13 @@ def _tokens(name: str, hidden_states) -> torch.Tensor:
     return hidden_states
 
 
+def _head_args(step_positions, head_weight, head_bias) -> None:
+    """Tensors where the ops take tensors: a None head would reach the compiled kernels as no dtype at all."""
+    tensor_arg("step_positions", step_positions)
+    tensor_arg("head_weight", head_weight)
+    optional_tensor_arg("head_bias", head_bias)
+
+
 def _empty_arg(empty) -> float | None:
     if empty is None:
         return None
@@ -422,6 +430,7 @@ def prm_step_scores(hidden_states: torch.Tensor, step_positions: torch.Tensor, h
         >>> fastsearch.prm_step_scores(hidden, tag_positions, head)
     """
     hidden_states = _tokens("hidden_states", hidden_states)
+    _head_args(step_positions, head_weight, head_bias)
     return PRM_STEP_SCORES.run(backend, hidden_states.device, hidden_states, step_positions, head_weight, head_bias,
                                int_arg("positive_index", positive_index),
                                method_code("activation", activation, ACTIVATIONS))
@@ -453,6 +462,7 @@ def aggregate_steps(step_scores: torch.Tensor, *, offsets: torch.Tensor | None =
         tensor([0.3000, 0.7000])
     """
     tensor_arg("step_scores", step_scores)
+    optional_tensor_arg("offsets", offsets)
     code = method_code("method", method, AGGREGATIONS)
     if offsets is None and step_scores.dim() == 1:  # one candidate: the [1, S] row, candidate dimension dropped
         return AGGREGATE_STEPS.run(backend, step_scores.device, step_scores.unsqueeze(0), None, code,
@@ -485,6 +495,8 @@ def prm_scores(hidden_states: torch.Tensor, step_positions: torch.Tensor, head_w
         ...                                             method="min")
     """
     hidden_states = _tokens("hidden_states", hidden_states)
+    optional_tensor_arg("offsets", offsets)
+    _head_args(step_positions, head_weight, head_bias)
     one_candidate = offsets is None
     if one_candidate:
         num_steps = tensor_arg("step_positions", step_positions).numel()
@@ -514,7 +526,9 @@ def cosine_scores(embeddings: torch.Tensor, references: torch.Tensor, *, offsets
     Returns:
         [N] float32 in [-1, 1].
     """
-    return COSINE_SCORES.run(backend, tensor_arg("embeddings", embeddings).device, embeddings, references, offsets)
+    optional_tensor_arg("offsets", offsets)
+    return COSINE_SCORES.run(backend, tensor_arg("embeddings", embeddings).device, embeddings,
+                             tensor_arg("references", references), offsets)
 
 
 def ensemble_scores(scores: torch.Tensor, *, offsets: torch.Tensor | None = None, method: str = "rank",
@@ -540,10 +554,14 @@ def ensemble_scores(scores: torch.Tensor, *, offsets: torch.Tensor | None = None
     Example:
         >>> fastsearch.ensemble_scores(torch.stack([clip, aesthetic]), offsets=prompt_offsets, method="rank")
     """
+    optional_tensor_arg("offsets", offsets)
     if tensor_arg("scores", scores).dim() == 1:
         scores = scores[None]
     if weights is not None and not (isinstance(weights, torch.Tensor) and weights.dtype == torch.float32
                                     and weights.device == scores.device):
-        weights = torch.as_tensor(weights, dtype=torch.float32, device=scores.device)
+        try:
+            weights = torch.as_tensor(weights, dtype=torch.float32, device=scores.device)
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise TypeError(f"weights must be a float tensor or a sequence of numbers, got {weights!r}") from error
     return ENSEMBLE_SCORES.run(backend, scores.device, scores, offsets, method_code("method", method, ENSEMBLES),
                                weights)

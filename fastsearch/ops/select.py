@@ -9,11 +9,13 @@ NamedTuples with values before indices, as ``torch.topk`` returns them: :class:`
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
 
 from fastsearch.ops._common import Op, int_arg, lib, tensor_arg
+from fastsearch.ops._select_checks import bool_arg, check_output_width, finite_float_arg, optional_tensor_arg
 from fastsearch.ops.groups import (
     check_at_least_one,
     check_groups,
@@ -156,6 +158,8 @@ def _check_beam_prune(scores, offsets, k, finished, lengths, length_penalty, ded
     check_like_groups("finished", finished, scores, (torch.bool,), "bool")
     check_like_groups("lengths", lengths, scores, _INT_DTYPES + (torch.float32, torch.float64), "numeric")
     check_like_groups("dedup_keys", dedup_keys, scores, (torch.int64,), "int64")
+    if not math.isfinite(length_penalty):
+        raise ValueError(f"length_penalty must be finite, got {length_penalty}")
     if refill_to < 0:
         raise ValueError(f"refill_to must be non-negative, got {refill_to}")
 
@@ -229,11 +233,15 @@ def segmented_topk(scores: torch.Tensor, k: int, *, offsets: torch.Tensor | None
     """
     k = int_arg("k", k)
     device = tensor_arg("scores", scores).device
+    optional_tensor_arg("offsets", offsets)
+    optional_tensor_arg("mask", mask)
+    largest = bool_arg("largest", largest)
+    check_output_width("k", k, scores, offsets)
     if offsets is None and scores.dim() == 1:
         values, indices = SEGMENTED_TOPK.run(backend, device, scores.unsqueeze(0), None, row("mask", mask, scores),
-                                             k, bool(largest))
+                                             k, largest)
         return tuple.__new__(TopK, (values.squeeze(0), indices.squeeze(0)))
-    return tuple.__new__(TopK, SEGMENTED_TOPK.run(backend, device, scores, offsets, mask, k, bool(largest)))
+    return tuple.__new__(TopK, SEGMENTED_TOPK.run(backend, device, scores, offsets, mask, k, largest))
 
 
 def beam_prune(scores: torch.Tensor, k: int, *, offsets: torch.Tensor | None = None,
@@ -253,6 +261,7 @@ def beam_prune(scores: torch.Tensor, k: int, *, offsets: torch.Tensor | None = N
         offsets: int64 [G + 1] for ragged groups.
         finished: bool like ``scores``; True candidates leave the pool.
         lengths: numeric like ``scores``; with ``length_penalty`` p the score is ``score / length ** p``.
+        length_penalty: a finite float (NaN or inf is a ValueError).
         dedup_keys: int64 like ``scores`` (e.g. :func:`sequence_keys`); equal keys in a group are
             duplicates, of which only the best (first on ties) survives.
         refill_to: n beams for the next step, or None.
@@ -278,12 +287,20 @@ def beam_prune(scores: torch.Tensor, k: int, *, offsets: torch.Tensor | None = N
     else:
         refill = refill_to if type(refill_to) is int else int_arg("refill_to", refill_to)
     device = scores.device if type(scores) is torch.Tensor else tensor_arg("scores", scores).device
+    if type(length_penalty) is not float or not -math.inf < length_penalty < math.inf:
+        length_penalty = finite_float_arg("length_penalty", length_penalty)
+    if not (offsets is finished is lengths is dedup_keys is None):
+        for name, value in (("offsets", offsets), ("finished", finished), ("lengths", lengths),
+                            ("dedup_keys", dedup_keys)):
+            optional_tensor_arg(name, value)
+    check_output_width("k", k, scores, offsets)
+    check_output_width("refill_to", refill, scores, offsets)
     if offsets is None and scores.dim() == 1:
-        return _beam_prune_one_group(backend, device, scores, k, finished, lengths, float(length_penalty),
+        return _beam_prune_one_group(backend, device, scores, k, finished, lengths, length_penalty,
                                      dedup_keys, refill, refill_to is not None)
     # the op returns (indices, values, counts, parents); the result puts values first
     indices, values, counts, parents = BEAM_PRUNE.run(backend, device, scores, offsets, k, finished, lengths,
-                                                      float(length_penalty), dedup_keys, refill)
+                                                      length_penalty, dedup_keys, refill)
     return tuple.__new__(BeamSelection, (values, indices, counts, None if refill_to is None else parents))
 
 

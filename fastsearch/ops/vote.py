@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from fastsearch.ops._common import Op, lib, method_code, tensor_arg
+from fastsearch.ops._select_checks import optional_tensor_arg
 from fastsearch.ops.groups import check_groups, check_like_groups, check_scores, num_groups, pad_groups, row
 
 VOTE_MODES = {"majority": 0, "weighted": 1, "max": 2}
@@ -45,9 +46,11 @@ def _vote_reference(answer_keys, scores, offsets, mask, mode):
         winner = torch.where(reaches, column, torch.full_like(column, width)).min(-1).values
     elif mode == 1:
         total = torch.where(same, padded_scores[:, None, :], torch.zeros((), device=keys.device)).sum(-1)
-        total = torch.where(valid, total, torch.full_like(total, -torch.inf))
-        best = total.max(-1, keepdim=True).values
-        winner = torch.where(valid & (total == best), first, torch.full_like(first, width)).min(-1).values
+        # A NaN sum (+inf and -inf in one answer) loses to every number; with only NaN sums the first wins.
+        numeric = valid & ~torch.isnan(total)
+        best = torch.where(numeric, total, torch.full_like(total, -torch.inf)).max(-1, keepdim=True).values
+        top = torch.where(numeric.any(-1, keepdim=True), numeric & (total == best), valid)
+        winner = torch.where(top, first, torch.full_like(first, width)).min(-1).values
     else:
         best_score = torch.where(valid, padded_scores, torch.full_like(padded_scores, -torch.inf))
         top = best_score.max(-1, keepdim=True).values
@@ -180,6 +183,8 @@ def vote(answer_keys: torch.Tensor, scores: torch.Tensor | None = None, *, offse
     """
     code = method_code("method", method, VOTE_MODES)
     device = tensor_arg("answer_keys", answer_keys).device
+    for name, value in (("scores", scores), ("offsets", offsets), ("mask", mask)):
+        optional_tensor_arg(name, value)
     if offsets is None and answer_keys.dim() == 1:
         return VOTE.run(backend, device, answer_keys.unsqueeze(0), row("scores", scores, answer_keys, "answer_keys"),
                         None, row("mask", mask, answer_keys, "answer_keys"), code).squeeze(0)
@@ -212,6 +217,7 @@ def sequence_keys(token_ids: torch.Tensor, *, offsets: torch.Tensor | None = Non
         (True, False)
     """
     device = tensor_arg("token_ids", token_ids).device
+    optional_tensor_arg("offsets", offsets)
     if offsets is not None:
         return SEQUENCE_KEYS.run(backend, device, token_ids, offsets)
     if token_ids.dim() == 1:  # one sequence
