@@ -183,12 +183,9 @@ def beam_search(problems: Sequence[str], generator: Generator, verifier: StepVer
         beam_width: continuations per surviving beam (M); n must be divisible by it.
         max_steps: iterations; the last one completes every beam.
         lookahead: greedy rollout steps scored with each candidate (costs k more generator calls a step).
-        step_delimiter, aggregate, vote, answer_fn, temperature, max_tokens, prompt_fn, seed, progress:
+        step_delimiter, aggregate, vote, answer_fn, temperature, max_tokens, prompt_fn, seed, progress, group:
             as in :func:`best_of_n`.
         dedup: among candidates of a problem with identical text keep only the best-scoring one.
-
-        group: a torch.distributed process group: split the problems over its ranks, each with its own
-            generator and verifier; every rank returns the whole result (:mod:`fastsearch.search.sharding`).
 
     Returns:
         :class:`~fastsearch.search.SearchResult` with up to n candidates per problem, best first.
@@ -248,13 +245,10 @@ def dvts(problems: Sequence[str], generator: Generator, verifier: StepVerifier, 
 
     Args:
         problems, generator, verifier, aggregate, vote, answer_fn, temperature, max_tokens, step_delimiter,
-            prompt_fn, seed, progress: as in :func:`best_of_n`.
+            prompt_fn, seed, progress, group: as in :func:`best_of_n`.
         n: total continuations per problem per step; n / beam_width subtrees.
         beam_width: continuations per subtree per step (M); n must be divisible by it.
         max_steps, lookahead: as in :func:`beam_search`.
-
-        group: a torch.distributed process group: split the problems over its ranks, each with its own
-            generator and verifier; every rank returns the whole result (:mod:`fastsearch.search.sharding`).
 
     Returns:
         :class:`~fastsearch.search.SearchResult` with n / beam_width candidates per problem (subtree order).
@@ -321,14 +315,11 @@ def particle_filter(problems: Sequence[str], generator: Generator, verifier: Ste
 
     Args:
         problems, generator, verifier, aggregate, vote, answer_fn, temperature, max_tokens, step_delimiter,
-            prompt_fn, seed, progress: as in :func:`best_of_n`.
+            prompt_fn, seed, progress, group: as in :func:`best_of_n`.
         n: particles per problem.
         max_steps: as in :func:`beam_search`.
         resample: ``"systematic"`` (default), ``"multinomial"``, ``"stratified"`` or ``"residual"``.
         ess_threshold: resample when ESS < ``ess_threshold * n`` (1.0: nearly every step; 0: never).
-
-        group: a torch.distributed process group: split the problems over its ranks, each with its own
-            generator and verifier; every rank returns the whole result (:mod:`fastsearch.search.sharding`).
 
     Returns:
         :class:`~fastsearch.search.SearchResult` with n candidates per problem.
