@@ -17,7 +17,7 @@ STAMP := $(VENV)/.installed
 PIN := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 SOURCES := setup.py pyproject.toml $(CONSTRAINTS) $(wildcard csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh)
 
-.PHONY: install demo test test-latest dist-check bench lint cuda-check gpu-check clean
+.PHONY: install demo test test-latest dist-check bench lint cuda-check gpu-check fuzz clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -90,6 +90,11 @@ bench: install
 # benchmarks/results/<device>.csv; one summary at the end. It uses $(PYTHON) as it is (torch already there).
 gpu-check:
 	$(PYTHON) .ci/gpu_check.py
+
+# Deeper property-based runs: tests/test_properties.py with the fuzz profile (1500 examples per test and
+# backend, about 2 minutes each here; `make test` runs 25).
+fuzz: install
+	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -q tests/test_properties.py
 
 lint: install
 	$(PIP) install --quiet $(PIN) ruff
