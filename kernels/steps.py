@@ -9,6 +9,8 @@ itself, for an in-place step: each element belongs to one program, which loads i
 it stores it, and a stored value depends on the loaded ones, so no element is read after it was written.
 """
 
+import array
+
 import triton
 import triton.language as tl
 
@@ -154,10 +156,15 @@ def _renoise_kernel(sample_ptr, noise_ptr, out_ptr,
 # -- launchers ------------------------------------------------------------------------------------------
 
 
+def _fp32(value: float) -> float:
+    """``value`` rounded to fp32, as the compiled launchers pass it (the interpreter would keep fp64)."""
+    return array.array("f", [value])[0]
+
+
 def _level_args(tensor, value, dummy):
     """A ``(Tensor? t, float value)`` schedule pair as kernel arguments (ptr, stride, value, from_tensor)."""
     if tensor is None:
-        return dummy, 0, float(value), False
+        return dummy, 0, _fp32(value), False
     # The kernels index the values with stride 1 (0 for one shared value): a strided view is copied first.
     return tensor.contiguous(), (0 if tensor.numel() == 1 else 1), 0.0, True
 
@@ -192,7 +199,7 @@ def ddim_step(sample, model_output, alpha_prod_t, alpha_prod_t_value, alpha_prod
     clip = clip_sample_range is not None
     _launch(_ddim_step_kernel, sample, sample, model_output, noise_ptr, prev, x0,
             alpha_ptr, alpha_stride, alpha_value, alpha_prev_ptr, alpha_prev_stride, alpha_prev_value,
-            float(eta), float(clip_sample_range) if clip else 0.0, seed,
+            _fp32(eta), _fp32(clip_sample_range) if clip else 0.0, seed,
             ALPHA_FROM_TENSOR=alpha_from_tensor, ALPHA_PREV_FROM_TENSOR=alpha_prev_from_tensor,
             PREDICTION_TYPE=prediction_type, CLIP=clip, USE_CLIPPED_MODEL_OUTPUT=clip and use_clipped_model_output,
             NOISE=eta > 0, SEEDED=seeded)
