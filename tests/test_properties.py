@@ -62,8 +62,9 @@ def _same(got, want, what):
         assert torch.equal(got, want), f"{what}: {got.tolist()} != {want.tolist()}"
 
 
-def _agree(call, backend):
-    """call(backend) must give what call("torch") gives, or raise the same kind of error."""
+def agree(call, backend, same=_same):
+    """call(backend) must give what call("torch") gives (each output compared by ``same(got, want, what)``), or
+    raise the same kind of error."""
     try:
         want = call("torch")
     except (ValueError, TypeError) as error:
@@ -75,7 +76,7 @@ def _agree(call, backend):
     want = [want] if isinstance(want, torch.Tensor) else list(want)
     assert len(got) == len(want)
     for index, (a, b) in enumerate(zip(got, want, strict=True)):
-        _same(a, b, f"output {index}")
+        same(a, b, f"output {index}")
 
 
 @pytest.mark.parametrize("device,backend", KERNEL_BACKENDS)
@@ -85,7 +86,7 @@ def test_segmented_topk(device, backend, data, k, largest, masked):
     scores = data.draw(values(sum(sizes)))
     mask = torch.tensor(data.draw(st.lists(st.booleans(), min_size=len(scores), max_size=len(scores))),
                         dtype=torch.bool) if masked else None
-    _agree(lambda b: fastsearch.segmented_topk(scores, k, offsets=offsets, mask=mask, largest=largest, backend=b),
+    agree(lambda b: fastsearch.segmented_topk(scores, k, offsets=offsets, mask=mask, largest=largest, backend=b),
            backend)
 
 
@@ -103,7 +104,7 @@ def test_beam_prune(device, backend, data, k, refill_to, options):
     penalty = data.draw(st.sampled_from([0.0, 0.6, 1.0, 2.0])) if lengths is not None else 1.0
     keys = (torch.tensor(data.draw(st.lists(st.integers(0, 4), min_size=total, max_size=total)))
             if "dedup" in options else None)
-    _agree(lambda b: fastsearch.beam_prune(scores, k, offsets=offsets, finished=finished, lengths=lengths,
+    agree(lambda b: fastsearch.beam_prune(scores, k, offsets=offsets, finished=finished, lengths=lengths,
                                            length_penalty=penalty, dedup_keys=keys, refill_to=refill_to, backend=b),
            backend)
 
@@ -113,7 +114,7 @@ def test_beam_prune(device, backend, data, k, refill_to, options):
 def test_effective_sample_size(device, backend, data):
     sizes, offsets = data.draw(groups())
     log_w = data.draw(values(sum(sizes)))
-    _agree(lambda b: fastsearch.effective_sample_size(log_w, offsets=offsets, backend=b), backend)
+    agree(lambda b: fastsearch.effective_sample_size(log_w, offsets=offsets, backend=b), backend)
 
 
 @pytest.mark.parametrize("device,backend", KERNEL_BACKENDS)
@@ -122,7 +123,7 @@ def test_effective_sample_size(device, backend, data):
 def test_resample(device, backend, data, num_samples, method, seed):
     sizes, offsets = data.draw(groups(min_size=0))
     log_w = data.draw(values(sum(sizes), dtype=torch.float32))
-    _agree(lambda b: fastsearch.resample(log_w, num_samples, offsets=offsets, method=method, seed=seed, backend=b),
+    agree(lambda b: fastsearch.resample(log_w, num_samples, offsets=offsets, method=method, seed=seed, backend=b),
            backend)
 
 
@@ -135,7 +136,7 @@ def test_vote(device, backend, data, method, masked):
     scores = data.draw(values(total))
     mask = (torch.tensor(data.draw(st.lists(st.booleans(), min_size=total, max_size=total)), dtype=torch.bool)
             if masked else None)
-    _agree(lambda b: fastsearch.vote(keys, scores, offsets=offsets, mask=mask, method=method, backend=b), backend)
+    agree(lambda b: fastsearch.vote(keys, scores, offsets=offsets, mask=mask, method=method, backend=b), backend)
 
 
 @pytest.mark.parametrize("device,backend", KERNEL_BACKENDS)
@@ -150,7 +151,7 @@ def test_sequence_keys(device, backend, data, expanded):
         wide = torch.zeros(2 * offsets.numel(), dtype=torch.int64)
         wide[::2] = offsets
         offsets = wide[::2]
-    _agree(lambda b: fastsearch.sequence_keys(tokens, offsets=offsets, backend=b), backend)
+    agree(lambda b: fastsearch.sequence_keys(tokens, offsets=offsets, backend=b), backend)
 
 
 @pytest.mark.parametrize("device,backend", KERNEL_BACKENDS)
@@ -159,7 +160,7 @@ def test_sequence_keys(device, backend, data, expanded):
 def test_aggregate_steps(device, backend, data, method, empty):
     sizes, offsets = data.draw(groups())
     steps = data.draw(values(sum(sizes))).sigmoid()
-    _agree(lambda b: fastsearch.aggregate_steps(steps, offsets=offsets, method=method, empty=empty, backend=b),
+    agree(lambda b: fastsearch.aggregate_steps(steps, offsets=offsets, method=method, empty=empty, backend=b),
            backend)
 
 
@@ -171,5 +172,5 @@ def test_ensemble_scores(device, backend, data, method, verifiers):
     dtype = data.draw(st.sampled_from(FLOAT_DTYPES))
     scores = torch.stack([data.draw(values(total, dtype=dtype)) for _ in range(verifiers)])
     weights = data.draw(st.lists(st.sampled_from([0.0, 0.5, 1.0, 2.0]), min_size=verifiers, max_size=verifiers))
-    _agree(lambda b: fastsearch.ensemble_scores(scores, offsets=offsets, method=method, weights=weights, backend=b),
+    agree(lambda b: fastsearch.ensemble_scores(scores, offsets=offsets, method=method, weights=weights, backend=b),
            backend)

@@ -12,7 +12,7 @@ import torch
 from helpers import KERNEL_BACKENDS
 from hypothesis import given
 from hypothesis import strategies as st
-from test_properties import SPECIAL  # noqa: F401 - also loads the hypothesis profile
+from test_properties import agree  # also loads the hypothesis profile
 
 import fastsearch
 
@@ -54,22 +54,16 @@ def levels(draw, batch, low, high):
     return values
 
 
+def _same_step(got, want, what):
+    """To rounding (fp16 / bf16: torch's tolerances for the dtype), NaN in exactly the reference's elements."""
+    assert got.shape == want.shape and got.dtype == want.dtype, what
+    assert torch.equal(got.isnan(), want.isnan()), f"{what}: NaN in other elements than the reference's"
+    torch.testing.assert_close(got, want, equal_nan=True,
+                               **({"rtol": 1e-5, "atol": 1e-5} if got.dtype == torch.float32 else {}))
+
+
 def _agree(call, backend):
-    try:
-        want = call("torch")
-    except (ValueError, TypeError) as error:
-        with pytest.raises(type(error)):
-            call(backend)
-        return
-    got = call(backend)
-    got = [got] if isinstance(got, torch.Tensor) else list(got)
-    want = [want] if isinstance(want, torch.Tensor) else list(want)
-    for a, b in zip(got, want, strict=True):
-        assert a.shape == b.shape and a.dtype == b.dtype
-        assert torch.equal(a.isnan(), b.isnan()), "NaN in other elements than the reference's"
-        # fp32: to rounding; fp16 / bf16: torch's tolerances for the dtype (the fp32 results may round apart)
-        torch.testing.assert_close(a, b, equal_nan=True,
-                                   **({"rtol": 1e-5, "atol": 1e-5} if a.dtype == torch.float32 else {}))
+    agree(call, backend, same=_same_step)
 
 
 @pytest.mark.parametrize("device,backend", KERNEL_BACKENDS)

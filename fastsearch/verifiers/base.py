@@ -7,6 +7,7 @@ the difference beside their own NFEs (``NoiseSearchResult.verifier_cost``).
 
 from __future__ import annotations
 
+import abc
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,7 +56,7 @@ def _wait_for(output) -> None:
         torch.cuda.synchronize(output.device)
 
 
-class MeteredVerifier:
+class MeteredVerifier(abc.ABC):
     """Base class of the shipped verifiers: counts calls, images and seconds of every call in :attr:`cost`.
 
     Subclasses implement ``score(images, **kwargs) -> [B]`` and :meth:`count` (how many images a call holds);
@@ -82,8 +83,9 @@ class MeteredVerifier:
         except TypeError:
             return 1
 
+    @abc.abstractmethod
     def score(self, images, *args, **kwargs) -> torch.Tensor:
-        raise NotImplementedError
+        """The scores of one call ([B]); :meth:`__call__` counts its cost."""
 
     def __call__(self, images, *args, **kwargs) -> torch.Tensor:
         start = time.perf_counter()
