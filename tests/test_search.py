@@ -163,18 +163,18 @@ def test_prompt_fn_and_progress(capsys):
     assert result.completions[0] == result.candidates[int(result.chosen[0])]
 
 
-def test_search_restores_threads_and_collector():
-    """The search runs its own tensor work on one thread with the collector paused; the models get the
-    caller's threads, and both settings come back after the search, also when it fails."""
+def test_search_leaves_threads_and_collector_alone():
+    """A search changes no process-wide state: the models (and every other thread) see the collector and
+    torch's thread count as the caller left them, also when the search fails."""
     threads, seen = torch.get_num_threads(), []
 
     class Recording(FakeVerifier):
         def score(self, problems, step_lists):
-            seen.append(torch.get_num_threads())
+            seen.append((torch.get_num_threads(), gc.isenabled()))
             return super().score(problems, step_lists)
 
     beam_search(PROBLEMS, FakeGenerator(), Recording(), n=4, beam_width=2, max_steps=3, seed=0, max_tokens=64)
-    assert seen and all(t == threads for t in seen)
+    assert seen and all(entry == (threads, True) for entry in seen)
     assert torch.get_num_threads() == threads and gc.isenabled()
     with pytest.raises(ValueError, match="score lists"):
         best_of_n(PROBLEMS, FakeGenerator(), _Wrong("too few lists"), n=2, seed=0, max_tokens=64)

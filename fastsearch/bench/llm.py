@@ -26,12 +26,13 @@ from collections.abc import Callable
 from functools import partial
 from itertools import cycle, islice
 
+import numpy as np
 import torch
 
 from fastsearch.models import reasoning
 from fastsearch.search.algorithms import beam_search, best_of_n, dvts, particle_filter
 from fastsearch.search.revisions import revisions
-from fastsearch.search.types import Completion, SearchResult
+from fastsearch.search.types import CompletionBatch, SearchResult
 
 SHAPES = ((64, 16), (256, 64))
 BEAM_WIDTH = 4
@@ -57,11 +58,11 @@ class FreeGenerator:
     """Hands out ready-made attempts (97 distinct texts, 7 answers) in turn: a generator that costs nothing."""
 
     def __init__(self):
-        self.pool = [Completion(f"step one {k}\n\nstep two {k}\n\nanswer {k % 7} <0>", 40, True) for k in range(97)]
+        self.pool = [f"step one {k}\n\nstep two {k}\n\nanswer {k % 7} <0>" for k in range(97)]
 
     def generate(self, prompts, *, n, **options):
-        flat = list(islice(cycle(self.pool), len(prompts) * n))
-        return [flat[start:start + n] for start in range(0, len(flat), n)]
+        count = len(prompts) * n
+        return CompletionBatch(list(islice(cycle(self.pool), count)), np.full(count, 40), np.ones(count, bool), n)
 
 
 class FreeOutcomeVerifier:

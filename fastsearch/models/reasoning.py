@@ -44,7 +44,7 @@ import torch
 
 from fastsearch.checks import check_float, check_int
 from fastsearch.models.revision_sim import RevisionModel
-from fastsearch.search import Completion
+from fastsearch.search.types import CompletionBatch
 from fastsearch.seeding import resolve_seed
 
 LEVELS = 5
@@ -319,12 +319,12 @@ class SimulatedGenerator:
 
     def generate(self, prompts: Sequence[str], *, n: int = 1, stop: Sequence[str] | None = None,
                  temperature: float = 0.8, max_tokens: int = 2048, seed: int | None = None
-                 ) -> list[list[Completion]]:
+                 ) -> CompletionBatch:
         """n simulated continuations of every prompt: one step (ending with ``stop[0]``) with ``stop``,
         else every step up to the answer.
 
         Returns:
-            per prompt, a list of n :class:`~fastsearch.search.Completion`.
+            a :class:`~fastsearch.search.CompletionBatch`: per prompt, n completions.
         """
         began = time.perf_counter()
         seed = resolve_seed(seed)
@@ -340,12 +340,12 @@ class SimulatedGenerator:
                                              difficulty, num_steps, answers, trap, temperature, revised,
                                              one_step=stop is not None, max_tokens=max_tokens,
                                              delimiter=stop[0] if stop else self.step_delimiter)
-        completions = list(map(Completion, texts, tokens.tolist(), finished.tolist()))
+        completions = CompletionBatch(texts, tokens, finished, n)
         if self.cost_per_call or self.cost_per_token:
             remaining = self.cost_per_call + self.cost_per_token * float(tokens.sum()) - (time.perf_counter() - began)
             if remaining > 0:
                 time.sleep(remaining)
-        return [completions[start:start + n] for start in range(0, len(completions), n)]
+        return completions
 
     @staticmethod
     def _sample_keys(prompts: Sequence[str], n: int, temperature: float, seed: int) -> np.ndarray:

@@ -37,8 +37,7 @@ import fastsearch
 from fastsearch.checks import check_choice, check_float, check_int
 from fastsearch.ops.particles import RESAMPLE_METHODS
 from fastsearch.ops.score import LOGIT_CLIP
-from fastsearch.search.run import SearchRun, as_numpy, split_steps
-from fastsearch.search.sharding import on_problem_shards
+from fastsearch.search.run import Plan, SearchRun, as_numpy, async_entry, search_entry, split_steps
 from fastsearch.search.types import AnswerVerifier, Generator, SearchResult, StepVerifier, extract_answer
 from fastsearch.seeding import Stream, derive_seed
 
@@ -76,7 +75,7 @@ def _children(run: SearchRun, prompts: Sequence[str], step_lists: Sequence[tuple
 
 def _with_lookahead(run: SearchRun, prompts: Sequence[str], owner: np.ndarray,
                     step_lists: Sequence[tuple[str, ...]], done: np.ndarray, lookahead: int
-                    ) -> Sequence[tuple[str, ...]]:
+                    ) -> Plan[Sequence[tuple[str, ...]]]:
     """The step lists to score: every open candidate's greedy ``lookahead``-step rollout appended.
 
     Rollouts run at temperature 0, one generator call per lookahead step for all open candidates, and
@@ -89,8 +88,8 @@ def _with_lookahead(run: SearchRun, prompts: Sequence[str], owner: np.ndarray,
     rollout_prompts = list(map(prompts.__getitem__, rolling.tolist()))
     going = np.arange(rolling.size)  # positions in ``rollouts`` still rolling
     for _ in range(lookahead):
-        texts, _, finished = run.generate(rollout_prompts, owner[rolling[going]], n=1, stop=[run.delimiter],
-                                          temperature=0.0)
+        texts, _, finished = yield from run.generate(rollout_prompts, owner[rolling[going]], n=1,
+                                                     stop=[run.delimiter], temperature=0.0)
         positions = going.tolist()
         extended, steps, rollout_done = _children(run, rollout_prompts, list(map(rollouts.__getitem__, positions)),
                                                   texts, finished, False)
@@ -105,6 +104,7 @@ def _with_lookahead(run: SearchRun, prompts: Sequence[str], owner: np.ndarray,
     return scored
 
 
+@search_entry
 def best_of_n(problems: Sequence[str], generator: Generator, verifier: StepVerifier | AnswerVerifier | None, *,
               n: int, aggregate: str = "last", vote: str = "none", answer_fn: Callable[[str], str] = extract_answer,
               temperature: float = 0.8, max_tokens: int = 2048, step_delimiter: str = "\n\n",
@@ -143,25 +143,24 @@ def best_of_n(problems: Sequence[str], generator: Generator, verifier: StepVerif
     Returns:
         :class:`~fastsearch.search.SearchResult` with n candidates per problem.
     """
-    if group is not None:
-        return on_problem_shards(best_of_n, locals())
     n = check_int("n", n)
     if verifier is None and vote != "majority":
         raise ValueError(f"verifier is None: only vote='majority' (self-consistency) picks without scores, got "
                          f"vote={vote!r}")
-    with SearchRun(f"best_of_n(n={n})", problems, generator, verifier, aggregate=aggregate, vote=vote,
-                   answer_fn=answer_fn, temperature=temperature, max_tokens=max_tokens, seed=seed,
-                   step_delimiter=step_delimiter, prompt_fn=prompt_fn, progress=progress, whole_attempts=True,
-                   verifier_optional=True) as run:
-        owner = np.arange(run.num_problems, dtype=np.int64)
-        for _ in run.steps(1):
-            texts, _, _ = run.generate(run.prefixes, owner, n=n, stop=None)
-            owner = np.repeat(owner, n)
-            scores = (torch.full((len(texts),), math.nan) if verifier is None
-                      else run.score_completions(owner, texts))
-        return run.finish(texts, owner, scores)
+    run = SearchRun(f"best_of_n(n={n})", problems, generator, verifier, aggregate=aggregate, vote=vote,
+                    answer_fn=answer_fn, temperature=temperature, max_tokens=max_tokens, seed=seed,
+                    step_delimiter=step_delimiter, prompt_fn=prompt_fn, progress=progress, whole_attempts=True,
+                    verifier_optional=True)
+    owner = np.arange(run.num_problems, dtype=np.int64)
+    for _ in run.steps(1):
+        texts, _, _ = yield from run.generate(run.prefixes, owner, n=n, stop=None)
+        owner = np.repeat(owner, n)
+        scores = (torch.full((len(texts),), math.nan) if verifier is None
+                  else (yield from run.score_completions(owner, texts)))
+    return run.finish(texts, owner, scores)
 
 
+@search_entry
 def beam_search(problems: Sequence[str], generator: Generator, verifier: StepVerifier, *, n: int, beam_width: int,
                 max_steps: int = 40, lookahead: int = 0, step_delimiter: str = "\n\n", aggregate: str = "last",
                 vote: str = "none", answer_fn: Callable[[str], str] = extract_answer, temperature: float = 0.8,
@@ -190,47 +189,47 @@ def beam_search(problems: Sequence[str], generator: Generator, verifier: StepVer
     Returns:
         :class:`~fastsearch.search.SearchResult` with up to n candidates per problem, best first.
     """
-    if group is not None:
-        return on_problem_shards(beam_search, locals())
     n, beam_width, max_steps, lookahead = _beam_options(n, beam_width, max_steps, lookahead)
     name = f"beam_search(n={n}, beam_width={beam_width}" + (f", lookahead={lookahead})" if lookahead else ")")
-    with SearchRun(name, problems, generator, verifier, aggregate=aggregate, vote=vote, answer_fn=answer_fn,
-                   temperature=temperature, max_tokens=max_tokens, seed=seed, step_delimiter=step_delimiter,
-                   prompt_fn=prompt_fn, progress=progress) as run:
-        survivors = n // beam_width
-        owner = np.repeat(np.arange(run.num_problems, dtype=np.int64), n)
-        prompts = list(map(run.prefixes.__getitem__, owner.tolist()))
-        step_lists: list[tuple[str, ...]] = [()] * owner.size
-        offsets = torch.arange(0, owner.size + 1, n, dtype=torch.int64)
-        pool_prompts: list[str] = []
-        pool_owner, pool_scores = [], []
-        for step in run.steps(max_steps):
-            last = step == max_steps - 1
-            texts, _, finished = run.generate(prompts, owner, n=1, stop=None if last else [step_delimiter])
-            prompts, step_lists, done = _children(run, prompts, step_lists, texts, finished, last)
-            scores = run.score(owner, step_lists if last else _with_lookahead(run, prompts, owner, step_lists, done,
-                                                                              lookahead))
-            completed = np.flatnonzero(done)
-            pool_prompts += map(prompts.__getitem__, completed.tolist())
-            pool_owner.append(owner[completed])
-            pool_scores.append(scores[torch.from_numpy(completed)])
-            if completed.size == done.size:
-                break
-            dedup_keys = torch.from_numpy(as_numpy(list(map(hash, prompts)), np.int64)) if dedup else None
-            selection = fastsearch.beam_prune(scores, survivors, offsets=offsets, finished=torch.from_numpy(done),
-                                              dedup_keys=dedup_keys, refill_to=n)
-            # numpy for the small bookkeeping: a torch call costs microseconds of dispatch
-            alive = selection.counts.numpy() > 0
-            parents = selection.parents.numpy()[alive].reshape(-1)
-            offsets = torch.from_numpy(np.concatenate([[0], np.cumsum(alive * n)]))
-            chosen = parents.tolist()
-            prompts = list(map(prompts.__getitem__, chosen))
-            step_lists = list(map(step_lists.__getitem__, chosen))
-            owner = owner[parents]
-        pool_owner = np.concatenate(pool_owner)
-        return run.finish(run.completions(pool_prompts, pool_owner), pool_owner, torch.cat(pool_scores), keep=n)
+    run = SearchRun(name, problems, generator, verifier, aggregate=aggregate, vote=vote, answer_fn=answer_fn,
+                    temperature=temperature, max_tokens=max_tokens, seed=seed, step_delimiter=step_delimiter,
+                    prompt_fn=prompt_fn, progress=progress)
+    survivors = n // beam_width
+    owner = np.repeat(np.arange(run.num_problems, dtype=np.int64), n)
+    prompts = list(map(run.prefixes.__getitem__, owner.tolist()))
+    step_lists: list[tuple[str, ...]] = [()] * owner.size
+    offsets = torch.arange(0, owner.size + 1, n, dtype=torch.int64)
+    pool_prompts: list[str] = []
+    pool_owner, pool_scores = [], []
+    for step in run.steps(max_steps):
+        last = step == max_steps - 1
+        texts, _, finished = yield from run.generate(prompts, owner, n=1, stop=None if last else [step_delimiter])
+        prompts, step_lists, done = _children(run, prompts, step_lists, texts, finished, last)
+        scored = step_lists if last else (yield from _with_lookahead(run, prompts, owner, step_lists, done,
+                                                                     lookahead))
+        scores = yield from run.score(owner, scored)
+        completed = np.flatnonzero(done)
+        pool_prompts += map(prompts.__getitem__, completed.tolist())
+        pool_owner.append(owner[completed])
+        pool_scores.append(scores[torch.from_numpy(completed)])
+        if completed.size == done.size:
+            break
+        dedup_keys = torch.from_numpy(as_numpy(list(map(hash, prompts)), np.int64)) if dedup else None
+        selection = fastsearch.beam_prune(scores, survivors, offsets=offsets, finished=torch.from_numpy(done),
+                                          dedup_keys=dedup_keys, refill_to=n)
+        # numpy for the small bookkeeping: a torch call costs microseconds of dispatch
+        alive = selection.counts.numpy() > 0
+        parents = selection.parents.numpy()[alive].reshape(-1)
+        offsets = torch.from_numpy(np.concatenate([[0], np.cumsum(alive * n)]))
+        chosen = parents.tolist()
+        prompts = list(map(prompts.__getitem__, chosen))
+        step_lists = list(map(step_lists.__getitem__, chosen))
+        owner = owner[parents]
+    pool_owner = np.concatenate(pool_owner)
+    return run.finish(run.completions(pool_prompts, pool_owner), pool_owner, torch.cat(pool_scores), keep=n)
 
 
+@search_entry
 def dvts(problems: Sequence[str], generator: Generator, verifier: StepVerifier, *, n: int, beam_width: int,
          max_steps: int = 40, lookahead: int = 0, step_delimiter: str = "\n\n", aggregate: str = "last",
          vote: str = "none", answer_fn: Callable[[str], str] = extract_answer, temperature: float = 0.8,
@@ -253,51 +252,52 @@ def dvts(problems: Sequence[str], generator: Generator, verifier: StepVerifier, 
     Returns:
         :class:`~fastsearch.search.SearchResult` with n / beam_width candidates per problem (subtree order).
     """
-    if group is not None:
-        return on_problem_shards(dvts, locals())
     n, beam_width, max_steps, lookahead = _beam_options(n, beam_width, max_steps, lookahead)
     name = f"dvts(n={n}, beam_width={beam_width}" + (f", lookahead={lookahead})" if lookahead else ")")
     subtrees = n // beam_width
-    with SearchRun(name, problems, generator, verifier, aggregate=aggregate, vote=vote, answer_fn=answer_fn,
-                   temperature=temperature, max_tokens=max_tokens, seed=seed, step_delimiter=step_delimiter,
-                   prompt_fn=prompt_fn, progress=progress) as run:
-        subtree = np.arange(run.num_problems * subtrees, dtype=np.int64)
-        owner = subtree // subtrees
-        prompts = list(map(run.prefixes.__getitem__, owner.tolist()))
-        step_lists: list[tuple[str, ...]] = [()] * subtree.size
-        pool_prompts: list[str] = []
-        pool_owner, pool_subtree, pool_scores = [], [], []
-        for step in run.steps(max_steps):
-            last = step == max_steps - 1
-            texts, _, finished = run.generate(prompts, owner, n=beam_width, stop=None if last else [step_delimiter])
-            parent = np.repeat(np.arange(subtree.size), beam_width).tolist()
-            candidates, candidate_steps, done = _children(run, list(map(prompts.__getitem__, parent)),
-                                                          list(map(step_lists.__getitem__, parent)), texts, finished,
-                                                          last)
-            candidate_owner = np.repeat(owner, beam_width)
-            scores = run.score(candidate_owner, candidate_steps if last else _with_lookahead(
-                run, candidates, candidate_owner, candidate_steps, done, lookahead))
-            # a subtree whose candidates all scored NaN takes its first one
-            best = fastsearch.segmented_topk(scores.view(-1, beam_width), 1).indices[:, 0].numpy().clip(min=0)
-            best += np.arange(0, scores.numel(), beam_width)
-            best_done = done[best]
-            stopped, going = np.flatnonzero(best_done), np.flatnonzero(~best_done)
-            stopped_best = best[stopped]
-            pool_prompts += map(candidates.__getitem__, stopped_best.tolist())
-            pool_owner.append(owner[stopped])
-            pool_subtree.append(subtree[stopped])
-            pool_scores.append(scores[torch.from_numpy(stopped_best)])
-            if going.size == 0:
-                break
-            chosen = best[going].tolist()
-            prompts = list(map(candidates.__getitem__, chosen))
-            step_lists = list(map(candidate_steps.__getitem__, chosen))
-            owner, subtree = owner[going], subtree[going]
-        pool_owner = np.concatenate(pool_owner)
-        return run.finish(run.completions(pool_prompts, pool_owner), pool_owner, torch.cat(pool_scores),
-                          order=np.concatenate(pool_subtree))
+    run = SearchRun(name, problems, generator, verifier, aggregate=aggregate, vote=vote, answer_fn=answer_fn,
+                    temperature=temperature, max_tokens=max_tokens, seed=seed, step_delimiter=step_delimiter,
+                    prompt_fn=prompt_fn, progress=progress)
+    subtree = np.arange(run.num_problems * subtrees, dtype=np.int64)
+    owner = subtree // subtrees
+    prompts = list(map(run.prefixes.__getitem__, owner.tolist()))
+    step_lists: list[tuple[str, ...]] = [()] * subtree.size
+    pool_prompts: list[str] = []
+    pool_owner, pool_subtree, pool_scores = [], [], []
+    for step in run.steps(max_steps):
+        last = step == max_steps - 1
+        texts, _, finished = yield from run.generate(prompts, owner, n=beam_width,
+                                                     stop=None if last else [step_delimiter])
+        parent = np.repeat(np.arange(subtree.size), beam_width).tolist()
+        candidates, candidate_steps, done = _children(run, list(map(prompts.__getitem__, parent)),
+                                                      list(map(step_lists.__getitem__, parent)), texts, finished,
+                                                      last)
+        candidate_owner = np.repeat(owner, beam_width)
+        scored = candidate_steps if last else (yield from _with_lookahead(
+            run, candidates, candidate_owner, candidate_steps, done, lookahead))
+        scores = yield from run.score(candidate_owner, scored)
+        # a subtree whose candidates all scored NaN takes its first one
+        best = fastsearch.segmented_topk(scores.view(-1, beam_width), 1).indices[:, 0].numpy().clip(min=0)
+        best += np.arange(0, scores.numel(), beam_width)
+        best_done = done[best]
+        stopped, going = np.flatnonzero(best_done), np.flatnonzero(~best_done)
+        stopped_best = best[stopped]
+        pool_prompts += map(candidates.__getitem__, stopped_best.tolist())
+        pool_owner.append(owner[stopped])
+        pool_subtree.append(subtree[stopped])
+        pool_scores.append(scores[torch.from_numpy(stopped_best)])
+        if going.size == 0:
+            break
+        chosen = best[going].tolist()
+        prompts = list(map(candidates.__getitem__, chosen))
+        step_lists = list(map(candidate_steps.__getitem__, chosen))
+        owner, subtree = owner[going], subtree[going]
+    pool_owner = np.concatenate(pool_owner)
+    return run.finish(run.completions(pool_prompts, pool_owner), pool_owner, torch.cat(pool_scores),
+                      order=np.concatenate(pool_subtree))
 
 
+@search_entry
 def particle_filter(problems: Sequence[str], generator: Generator, verifier: StepVerifier, *, n: int,
                     max_steps: int = 40, resample: str = "systematic", ess_threshold: float = 0.5,
                     step_delimiter: str = "\n\n", aggregate: str = "last", vote: str = "none",
@@ -324,51 +324,55 @@ def particle_filter(problems: Sequence[str], generator: Generator, verifier: Ste
     Returns:
         :class:`~fastsearch.search.SearchResult` with n candidates per problem.
     """
-    if group is not None:
-        return on_problem_shards(particle_filter, locals())
     n = check_int("n", n)
     max_steps = check_int("max_steps", max_steps)
     check_choice("resample", resample, RESAMPLE_METHODS)
     ess_threshold = check_float("ess_threshold", ess_threshold, low=0.0, high=1.0)
-    with SearchRun(f"particle_filter(n={n}, resample={resample}, ess_threshold={ess_threshold:g})", problems,
-                   generator, verifier, aggregate=aggregate, vote=vote, answer_fn=answer_fn, temperature=temperature,
-                   max_tokens=max_tokens, seed=seed, step_delimiter=step_delimiter, prompt_fn=prompt_fn,
-                   progress=progress) as run:
-        groups = run.num_problems
-        owner = np.repeat(np.arange(groups, dtype=np.int64), n)
-        prompts = list(map(run.prefixes.__getitem__, owner.tolist()))
-        step_lists: list[tuple[str, ...]] = [()] * owner.size
-        done = np.zeros(owner.size, dtype=bool)
-        scores = np.zeros(owner.size, dtype=np.float32)  # numpy: the per-step bookkeeping is small
-        identity = np.arange(owner.size).reshape(groups, n)
-        for step in run.steps(max_steps):
-            last = step == max_steps - 1
-            open_particles = np.flatnonzero(~done)
-            picked = open_particles.tolist()
-            open_prompts = list(map(prompts.__getitem__, picked))
-            texts, _, finished = run.generate(open_prompts, owner[open_particles], n=1,
-                                              stop=None if last else [step_delimiter])
-            new_prompts, new_steps, new_done = _children(run, open_prompts, list(map(step_lists.__getitem__, picked)),
-                                                         texts, finished, last)
-            scores[open_particles] = run.score(owner[open_particles], new_steps).numpy()
-            _scatter(prompts, picked, new_prompts)
-            _scatter(step_lists, picked, new_steps)
-            done[open_particles] = new_done
-            if done.all():
-                break
-            # A NaN score weighs as the worst score: resampling cannot order NaN. The clip is the one
-            # aggregate_steps(method="logit_sum") applies, so that log-weights stay finite.
-            clipped = np.clip(np.nan_to_num(scores, nan=0.0), LOGIT_CLIP, 1.0 - LOGIT_CLIP)
-            log_weights = torch.from_numpy(np.log(clipped) - np.log1p(-clipped)).view(groups, n)
-            ess = fastsearch.effective_sample_size(log_weights).numpy()
-            resampled = (ess < ess_threshold * n) & (~done).reshape(groups, n).any(-1)
-            if not resampled.any():
-                continue
-            ancestors = fastsearch.resample(log_weights, n, method=resample,
-                                            seed=derive_seed(run.seed, Stream.RESAMPLE, step)).numpy()
-            ancestors = np.where(resampled[:, None], ancestors, identity).reshape(-1)
-            chosen = ancestors.tolist()
-            prompts = list(map(prompts.__getitem__, chosen))
-            step_lists = list(map(step_lists.__getitem__, chosen))
-            done, scores = done[ancestors], scores[ancestors]
-        return run.finish(run.completions(prompts, owner), owner, torch.from_numpy(scores))
+    run = SearchRun(f"particle_filter(n={n}, resample={resample}, ess_threshold={ess_threshold:g})", problems,
+                    generator, verifier, aggregate=aggregate, vote=vote, answer_fn=answer_fn, temperature=temperature,
+                    max_tokens=max_tokens, seed=seed, step_delimiter=step_delimiter, prompt_fn=prompt_fn,
+                    progress=progress)
+    groups = run.num_problems
+    owner = np.repeat(np.arange(groups, dtype=np.int64), n)
+    prompts = list(map(run.prefixes.__getitem__, owner.tolist()))
+    step_lists: list[tuple[str, ...]] = [()] * owner.size
+    done = np.zeros(owner.size, dtype=bool)
+    scores = np.zeros(owner.size, dtype=np.float32)  # numpy: the per-step bookkeeping is small
+    identity = np.arange(owner.size).reshape(groups, n)
+    for step in run.steps(max_steps):
+        last = step == max_steps - 1
+        open_particles = np.flatnonzero(~done)
+        picked = open_particles.tolist()
+        open_prompts = list(map(prompts.__getitem__, picked))
+        texts, _, finished = yield from run.generate(open_prompts, owner[open_particles], n=1,
+                                                     stop=None if last else [step_delimiter])
+        new_prompts, new_steps, new_done = _children(run, open_prompts, list(map(step_lists.__getitem__, picked)),
+                                                     texts, finished, last)
+        scores[open_particles] = (yield from run.score(owner[open_particles], new_steps)).numpy()
+        _scatter(prompts, picked, new_prompts)
+        _scatter(step_lists, picked, new_steps)
+        done[open_particles] = new_done
+        if done.all():
+            break
+        # A NaN score weighs as the worst score: resampling cannot order NaN. The clip is the one
+        # aggregate_steps(method="logit_sum") applies, so that log-weights stay finite.
+        clipped = np.clip(np.nan_to_num(scores, nan=0.0), LOGIT_CLIP, 1.0 - LOGIT_CLIP)
+        log_weights = torch.from_numpy(np.log(clipped) - np.log1p(-clipped)).view(groups, n)
+        ess = fastsearch.effective_sample_size(log_weights).numpy()
+        resampled = (ess < ess_threshold * n) & (~done).reshape(groups, n).any(-1)
+        if not resampled.any():
+            continue
+        ancestors = fastsearch.resample(log_weights, n, method=resample,
+                                        seed=derive_seed(run.seed, Stream.RESAMPLE, step)).numpy()
+        ancestors = np.where(resampled[:, None], ancestors, identity).reshape(-1)
+        chosen = ancestors.tolist()
+        prompts = list(map(prompts.__getitem__, chosen))
+        step_lists = list(map(step_lists.__getitem__, chosen))
+        done, scores = done[ancestors], scores[ancestors]
+    return run.finish(run.completions(prompts, owner), owner, torch.from_numpy(scores))
+
+
+best_of_n_async = async_entry(best_of_n)
+beam_search_async = async_entry(beam_search)
+dvts_async = async_entry(dvts)
+particle_filter_async = async_entry(particle_filter)

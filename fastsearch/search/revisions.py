@@ -24,7 +24,7 @@ import torch
 
 import fastsearch
 from fastsearch.checks import check_callable, check_choice, check_int
-from fastsearch.search.run import SearchRun, answer_keys
+from fastsearch.search.run import SearchRun, answer_keys, async_entry, search_entry
 from fastsearch.search.types import AnswerVerifier, Generator, SearchResult, StepVerifier, extract_answer
 
 SELECT = ("verifier", "majority", "last")
@@ -91,6 +91,7 @@ def _check_options(n, chain_length, select, across, history, revision_prompt, ve
     return n, chain_length, history, across
 
 
+@search_entry
 def revisions(problems: Sequence[str], generator: Generator, verifier: AnswerVerifier | StepVerifier | None = None,
               *, n: int, chain_length: int, select: str = "verifier", across: str | None = None,
               revision_prompt: Callable[[str, Sequence[str]], str] = default_revision_prompt, history: int = 4,
@@ -147,40 +148,43 @@ def revisions(problems: Sequence[str], generator: Generator, verifier: AnswerVer
                                                       verifier)
     chains = n // chain_length
     name = f"revisions(n={n}, chain_length={chain_length}, select={select}, across={across})"
-    with SearchRun(name, problems, generator, verifier, aggregate=aggregate, vote="none", answer_fn=answer_fn,
-                   temperature=temperature, max_tokens=max_tokens, seed=seed, step_delimiter=step_delimiter,
-                   prompt_fn=None, progress=progress, whole_attempts=True, verifier_optional=True) as run:
-        groups = run.num_problems
-        chain_owner = np.repeat(np.arange(groups, dtype=np.int64), chains)  # [G * chains]
-        chain_problems = list(map(run.problems.__getitem__, chain_owner.tolist()))
-        no_history = [()] * chain_owner.size
-        rounds: list[Sequence[str]] = []
-        for round_index in run.steps(chain_length):
-            shown_rounds = rounds[max(round_index - history, 0):] if history else []
-            if revision_prompt is default_revision_prompt:
-                prompts = _default_prompts(chain_problems, shown_rounds)
-            else:
-                # zip over the last rounds builds every chain's history tuple in C
-                shown = list(zip(*shown_rounds, strict=True)) if shown_rounds else no_history
-                prompts = list(map(revision_prompt, chain_problems, shown))
-            if not all(map(isinstance, prompts, repeat(str))):
-                wrong = next(i for i, prompt in enumerate(prompts) if not isinstance(prompt, str))
-                raise TypeError(f"revision_prompt must return a str, got {type(prompts[wrong]).__name__} for chain "
-                                f"{wrong % chains} of problem {wrong // chains}")
-            texts, _, _ = run.generate(prompts, chain_owner, n=1, stop=None)
-            rounds.append(texts)
-        attempts = list(chain.from_iterable(zip(*rounds, strict=True)))  # problem, chain, round order
-        owner = np.repeat(np.arange(groups, dtype=np.int64), n)
-        answers = list(map(run.answer_fn, attempts))
-        keys = torch.from_numpy(answer_keys(answers))
-        scores = (torch.full((len(attempts),), math.nan) if verifier is None
-                  else run.score_completions(owner, attempts))
-        picks = _chain_picks(keys, scores, chain_length, select)
-        chosen = _across_chains(keys, scores, picks, groups, chains, across)
-        offsets = torch.arange(0, groups * n + 1, n, dtype=torch.int64)
-        return run.result(chosen, attempts, answers, scores, offsets,
-                          info={"chain_picks": picks, "chains": chains, "chain_length": chain_length})
+    run = SearchRun(name, problems, generator, verifier, aggregate=aggregate, vote="none", answer_fn=answer_fn,
+                    temperature=temperature, max_tokens=max_tokens, seed=seed, step_delimiter=step_delimiter,
+                    prompt_fn=None, progress=progress, whole_attempts=True, verifier_optional=True)
+    groups = run.num_problems
+    chain_owner = np.repeat(np.arange(groups, dtype=np.int64), chains)  # [G * chains]
+    chain_problems = list(map(run.problems.__getitem__, chain_owner.tolist()))
+    no_history = [()] * chain_owner.size
+    rounds: list[Sequence[str]] = []
+    for round_index in run.steps(chain_length):
+        shown_rounds = rounds[max(round_index - history, 0):] if history else []
+        if revision_prompt is default_revision_prompt:
+            prompts = _default_prompts(chain_problems, shown_rounds)
+        else:
+            # zip over the last rounds builds every chain's history tuple in C
+            shown = list(zip(*shown_rounds, strict=True)) if shown_rounds else no_history
+            prompts = list(map(revision_prompt, chain_problems, shown))
+        if not all(map(isinstance, prompts, repeat(str))):
+            wrong = next(i for i, prompt in enumerate(prompts) if not isinstance(prompt, str))
+            raise TypeError(f"revision_prompt must return a str, got {type(prompts[wrong]).__name__} for chain "
+                            f"{wrong % chains} of problem {wrong // chains}")
+        texts, _, _ = yield from run.generate(prompts, chain_owner, n=1, stop=None)
+        rounds.append(texts)
+    attempts = list(chain.from_iterable(zip(*rounds, strict=True)))  # problem, chain, round order
+    owner = np.repeat(np.arange(groups, dtype=np.int64), n)
+    answers = list(map(run.answer_fn, attempts))
+    keys = torch.from_numpy(answer_keys(answers))
+    scores = (torch.full((len(attempts),), math.nan) if verifier is None
+              else (yield from run.score_completions(owner, attempts)))
+    picks = _chain_picks(keys, scores, chain_length, select)
+    chosen = _across_chains(keys, scores, picks, groups, chains, across)
+    offsets = torch.arange(0, groups * n + 1, n, dtype=torch.int64)
+    return run.result(chosen, attempts, answers, scores, offsets,
+                      info={"chain_picks": picks, "chains": chains, "chain_length": chain_length})
 
+
+
+revisions_async = async_entry(revisions)
 
 def _default_prompts(chain_problems: list[str], shown_rounds: list[Sequence[str]]) -> list[str]:
     """:func:`default_revision_prompt` of every chain at once: all chains show the same number of attempts in

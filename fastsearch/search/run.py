@@ -7,11 +7,13 @@ in Python is moving strings: list comprehensions that gather or concatenate them
 
 from __future__ import annotations
 
-import contextlib
-import gc
+import asyncio
+import functools
+import inspect
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Generator, Sequence
 from itertools import chain, repeat
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 import torch
@@ -20,7 +22,7 @@ from tqdm.auto import tqdm
 import fastsearch
 from fastsearch.checks import check_callable, check_choice, check_float, check_int, check_texts
 from fastsearch.ops.score import AGGREGATIONS
-from fastsearch.search.types import VOTES, Completion, SearchResult, Spent
+from fastsearch.search.types import VOTES, Completion, CompletionBatch, SearchResult, Spent
 from fastsearch.seeding import Stream, derive_seed, resolve_seed
 
 
@@ -35,21 +37,121 @@ def as_numpy(values: Sequence, dtype) -> np.ndarray:
     return np.fromiter(values, dtype=dtype, count=len(values))
 
 
+Result = TypeVar("Result")
+Plan = Generator["ModelCall", Any, Result]
+"""A search plan: a generator that yields the model calls it needs, gets their answers sent back, and returns
+its result. :func:`drive` runs one with plain calls, :func:`drive_async` with awaited ones."""
+
+
+class ModelCall(NamedTuple):
+    """One generator or verifier call a search plan asks for: ``getattr(model, method)(*args, **kwargs)``."""
+
+    model: Any
+    method: str
+    args: tuple
+    kwargs: dict
+
+
+def drive(plan: Plan[Result]) -> Result:
+    """Run a search plan to its result, making each model call it yields directly."""
+    try:
+        call = next(plan)
+        while True:
+            try:
+                answer = getattr(call.model, call.method)(*call.args, **call.kwargs)
+            except BaseException as err:
+                call = plan.throw(err)
+            else:
+                call = plan.send(answer)
+    except StopIteration as stop:
+        return stop.value
+    finally:
+        plan.close()
+
+
+async def call_async(call: ModelCall):
+    """Await a model call: the model's ``a<method>`` coroutine function (e.g. ``agenerate``) when it has one,
+    else its synchronous method on a worker thread (``asyncio.to_thread``), so the event loop stays free."""
+    method = getattr(call.model, "a" + call.method, None)
+    if inspect.iscoroutinefunction(method):
+        return await method(*call.args, **call.kwargs)
+    return await asyncio.to_thread(getattr(call.model, call.method), *call.args, **call.kwargs)
+
+
+async def drive_async(plan: Plan[Result]) -> Result:
+    """Run a search plan on the running event loop, awaiting each model call it yields (:func:`call_async`).
+
+    The plan's own work between calls (bookkeeping and the fastsearch ops, microseconds per beam) runs on the
+    loop's thread; many searches share one loop and interleave at their model calls.
+    """
+    try:
+        call = next(plan)
+        while True:
+            try:
+                answer = await call_async(call)
+            except BaseException as err:
+                call = plan.throw(err)
+            else:
+                call = plan.send(answer)
+    except StopIteration as stop:
+        return stop.value
+    finally:
+        plan.close()
+
+
+def search_entry(plan_fn: Callable[..., Plan[Any]]) -> Callable[..., Any]:
+    """The synchronous search of a plan function (its signature and docstring, ``group=None`` included).
+
+    ``group`` (a torch.distributed process group) splits the problems over the ranks
+    (:func:`~fastsearch.search.sharding.on_problem_shards`); without it the plan runs under :func:`drive`.
+    :func:`async_entry` makes the awaitable twin.
+    """
+    from fastsearch.search.sharding import on_problem_shards
+
+    signature = inspect.signature(plan_fn)
+
+    @functools.wraps(plan_fn)
+    def search(*args, **kwargs):
+        arguments = signature.bind(*args, **kwargs)
+        arguments.apply_defaults()
+        if arguments.arguments.get("group") is not None:
+            return on_problem_shards(search, arguments.arguments)
+        return drive(plan_fn(*args, **kwargs))
+
+    return search
+
+
+def async_entry(search: Callable[..., Any]) -> Callable[..., Coroutine[Any, Any, Any]]:
+    """The awaitable twin of a search made by :func:`search_entry`: same arguments but ``group``."""
+    plan_fn = search.__wrapped__
+    name = f"{search.__name__}_async"
+
+    async def search_async(*args, **kwargs):
+        if kwargs.get("group") is not None:
+            raise ValueError(f"{name} takes no group=: shard problems over ranks with the synchronous "
+                             f"{search.__name__}")
+        return await drive_async(plan_fn(*args, **kwargs))
+
+    search_async.__name__ = search_async.__qualname__ = name
+    search_async.__module__ = search.__module__
+    search_async.__signature__ = inspect.signature(plan_fn)
+    search_async.__doc__ = (f"Awaitable :func:`{search.__name__}`: the same search with the same arguments "
+                            f"(``group`` excepted), run on the running event loop.\n\n"
+                            "Generator and verifier calls are awaited: a model's ``agenerate`` / ``ascore`` / "
+                            "``ascore_completions`` coroutine when it has one, else its synchronous method on a "
+                            "worker thread. Many searches can share one event loop; each changes no process-wide "
+                            f"state.\n\nExample:\n    >>> result = await {name}(problems, generator, verifier, ...)\n")
+    return search_async
+
+
 class SearchRun:
     """Validated options and running totals of one search over a batch of problems.
 
-    ``generate`` and ``score`` wrap the user's generator and verifier: one call each for all problems,
-    timed, checked (n completions per prompt, one score per step) and counted.
-
-    Used as a context manager, it sets two process-wide knobs for the search and restores them after:
-
-    - Python's cyclic garbage collector is paused: the bookkeeping allocates a few containers per beam
-      and step and makes no reference cycles (reference counting frees it all), but each collector pass
-      walks every live container, which costs more than the search itself at thousands of beams.
-    - torch runs on the calling thread (``torch.set_num_threads(1)``) while fastsearch works, and with
-      the caller's thread count inside the generator and verifier calls: the search's own tensors are a
-      few kilobytes per step, and on a busy CPU the fork-join of a parallel region around them can take
-      milliseconds.
+    ``generate``, ``score`` and ``score_completions`` wrap the user's generator and verifier: one call each
+    for all problems, timed, checked (n completions per prompt, one score per step) and counted. They are
+    generators (use them with ``yield from``): each yields one :class:`ModelCall` and gets its answer back, so
+    one search plan runs under :func:`drive` (plain calls) or :func:`drive_async` (awaited calls). A search
+    changes no process-wide state (garbage collector, torch's thread count): a server may run many at once.
     """
 
     def __init__(self, strategy: str, problems, generator, verifier, *, aggregate: str, vote: str,
@@ -92,73 +194,45 @@ class SearchRun:
         self.generator_seconds = 0.0
         self.verifier_seconds = 0.0
 
-    def __enter__(self) -> SearchRun:
-        self._collector_was_enabled = gc.isenabled()
-        self._threads = torch.get_num_threads()
-        gc.disable()
-        torch.set_num_threads(1)
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        torch.set_num_threads(self._threads)
-        if self._collector_was_enabled:
-            gc.enable()
-
-    @contextlib.contextmanager
-    def _caller_threads(self):
-        """The caller's torch thread count, for the generator and verifier calls."""
-        torch.set_num_threads(self._threads)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(1)
-
     def steps(self, count: int):
         return tqdm(range(count), desc=self.strategy, disable=not self.progress, leave=False)
 
     def generate(self, prompts: Sequence[str], owner: np.ndarray, *, n: int, stop: Sequence[str] | None,
-                 temperature: float | None = None) -> tuple[Sequence[str], np.ndarray, np.ndarray]:
+                 temperature: float | None = None) -> Plan[tuple[Sequence[str], np.ndarray, np.ndarray]]:
         """One generator call: ``(texts, num_tokens int64, finished bool)``, n per prompt, prompt-major.
 
         ``owner`` [P] int64 is the problem of each prompt (for the per-problem token count).
         """
         seed = derive_seed(self.seed, Stream.GENERATE, self.generator_calls)
         began = time.perf_counter()
-        with self._caller_threads():
-            outputs = self.generator.generate(prompts, n=n, stop=stop,
-                                              temperature=self.temperature if temperature is None else temperature,
-                                              max_tokens=self.max_tokens, seed=seed)
+        outputs = yield ModelCall(self.generator, "generate", (prompts,), {
+            "n": n, "stop": stop, "temperature": self.temperature if temperature is None else temperature,
+            "max_tokens": self.max_tokens, "seed": seed})
         self.generator_seconds += time.perf_counter() - began
         self.generator_calls += 1
-        flat = flat_completions(outputs, len(prompts), n)
-        if not flat:
-            return [], np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool)
-        if not isinstance(flat[0], Completion):
-            raise TypeError(f"generator.generate must return Completion(text, num_tokens, finished) tuples, got "
-                            f"{type(flat[0]).__name__}")
-        texts, tokens, finished = zip(*flat, strict=True)
-        tokens = as_numpy(tokens, np.int64)
-        self.sequences += len(flat)
+        texts, tokens, finished = completion_columns(outputs, len(prompts), n)
+        self.sequences += len(texts)
+        if not texts:
+            return texts, tokens, finished
         per_sample_owner = owner if n == 1 else np.repeat(owner, n)
         self.tokens += np.bincount(per_sample_owner, weights=tokens, minlength=self.num_problems).astype(np.int64)
-        return texts, tokens, as_numpy(finished, bool)
+        return texts, tokens, finished
 
-    def score(self, owner: np.ndarray, step_lists: Sequence[Sequence[str]]) -> torch.Tensor:
+    def score(self, owner: np.ndarray, step_lists: Sequence[Sequence[str]]) -> Plan[torch.Tensor]:
         """One verifier call for all candidates: their aggregated scores [N] float32."""
         if not step_lists:
             return torch.zeros(0, dtype=torch.float32)
         candidate_problems = list(map(self.problems.__getitem__, owner.tolist()))
         expected = np.fromiter(map(len, step_lists), dtype=np.int64, count=len(step_lists))
         began = time.perf_counter()
-        with self._caller_threads():
-            returned = self.verifier.score(candidate_problems, step_lists)
+        returned = yield ModelCall(self.verifier, "score", (candidate_problems, step_lists), {})
         self.verifier_seconds += time.perf_counter() - began
         self.verifier_calls += 1
         scores, offsets = packed_scores(returned, expected)
         self.scored_steps += scores.numel()
         return fastsearch.aggregate_steps(scores, offsets=offsets, method=self.aggregate)
 
-    def score_completions(self, owner: np.ndarray, completions: Sequence[str]) -> torch.Tensor:
+    def score_completions(self, owner: np.ndarray, completions: Sequence[str]) -> Plan[torch.Tensor]:
         """Scores [N] float32 of whole attempts, in one verifier call; identical completions of one problem
         are scored once.
 
@@ -179,13 +253,12 @@ class SearchRun:
         if callable(getattr(self.verifier, "score_completions", None)):
             candidate_problems = list(map(self.problems.__getitem__, unique_owner.tolist()))
             began = time.perf_counter()
-            with self._caller_threads():
-                returned = self.verifier.score_completions(candidate_problems, unique_texts)
+            returned = yield ModelCall(self.verifier, "score_completions", (candidate_problems, unique_texts), {})
             self.verifier_seconds += time.perf_counter() - began
             self.verifier_calls += 1
             scores = completion_scores(returned, len(unique_texts))
         else:
-            scores = self.score(unique_owner, split_steps(unique_texts, self.delimiter))
+            scores = yield from self.score(unique_owner, split_steps(unique_texts, self.delimiter))
         if not distinct:
             return scores
         # map every completion to the position of its first occurrence among the scored ones
@@ -316,6 +389,24 @@ def completion_scores(returned, num: int) -> torch.Tensor:
         raise ValueError(f"verifier.score_completions returned scores of shape {list(scores.shape)} for {num} "
                          f"completions, expected [{num}]")
     return scores
+
+
+def completion_columns(outputs, num_prompts: int, n: int) -> tuple[Sequence[str], np.ndarray, np.ndarray]:
+    """A generator's answer as ``(texts [P * n], num_tokens [P * n] int64, finished [P * n] bool)``, checked:
+    a :class:`~fastsearch.search.CompletionBatch` as it is, nested lists of Completion flattened."""
+    if isinstance(outputs, CompletionBatch):
+        if len(outputs) != num_prompts or outputs.n != n:
+            raise ValueError(f"generator.generate returned a CompletionBatch of {len(outputs)} prompts x n="
+                             f"{outputs.n} for {num_prompts} prompts x n={n}")
+        return outputs.texts, outputs.num_tokens, outputs.finished
+    flat = flat_completions(outputs, num_prompts, n)
+    if not flat:
+        return [], np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool)
+    if not isinstance(flat[0], Completion):
+        raise TypeError(f"generator.generate must return Completion(text, num_tokens, finished) tuples, got "
+                        f"{type(flat[0]).__name__}")
+    texts, tokens, finished = zip(*flat, strict=True)
+    return texts, as_numpy(tokens, np.int64), as_numpy(finished, bool)
 
 
 def flat_completions(outputs, num_prompts: int, n: int) -> list[Completion]:

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
+import numpy as np
 import torch
 
 VOTES = ("none", "majority", "weighted")
@@ -37,10 +38,72 @@ class Completion(NamedTuple):
     finished: bool
 
 
+class CompletionBatch(Sequence):
+    """A generator's answer for P prompts x n samples as three flat columns (prompt-major, sample ``p * n + j``
+    is prompt p's j-th), with no Python object per completion.
+
+    It reads as the protocol's nested lists (``len(batch) == P``; ``batch[p]`` is prompt p's list of n
+    :class:`Completion`), and the searches take its columns as they are. At thousands of beams that matters:
+    every Completion and per-prompt list is an object Python's cyclic garbage collector tracks, and while a
+    search step holds tens of thousands of them its full collections (each a walk over every tracked object of
+    the process) come several times more often. The generators of fastsearch return one.
+
+    Args:
+        texts: [P * n] completion texts.
+        num_tokens: [P * n] tokens generated per completion (ints; kept as an int64 numpy array).
+        finished: [P * n] True where the completion ended with the end-of-sequence token.
+        n: completions per prompt (>= 1).
+    """
+
+    __slots__ = ("texts", "num_tokens", "finished", "n")
+
+    def __init__(self, texts: Sequence[str], num_tokens, finished, n: int):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be an int >= 1, got {n!r}")
+        self.texts = texts if isinstance(texts, list) else list(texts)
+        self.num_tokens = np.asarray(num_tokens, dtype=np.int64).reshape(-1)
+        self.finished = np.asarray(finished, dtype=bool).reshape(-1)
+        self.n = n
+        count = len(self.texts)
+        if self.num_tokens.size != count or self.finished.size != count:
+            raise ValueError(f"texts, num_tokens and finished must have one entry per completion, got {count}, "
+                             f"{self.num_tokens.size} and {self.finished.size}")
+        if count % n:
+            raise ValueError(f"{count} completions do not split into prompts of n={n}")
+
+    def __len__(self) -> int:
+        return len(self.texts) // self.n
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[p] for p in range(*index.indices(len(self)))]
+        p = range(len(self))[index]  # IndexError / TypeError as a list gives them
+        low = p * self.n
+        return list(map(Completion, self.texts[low:low + self.n], self.num_tokens[low:low + self.n].tolist(),
+                        self.finished[low:low + self.n].tolist()))
+
+    def __eq__(self, other) -> bool:
+        """Equal to a batch with the same columns and n, or to nested lists holding the same completions."""
+        if isinstance(other, CompletionBatch):
+            return (self.n == other.n and list(self.texts) == list(other.texts)
+                    and np.array_equal(self.num_tokens, other.num_tokens)
+                    and np.array_equal(self.finished, other.finished))
+        if isinstance(other, Sequence) and not isinstance(other, str):
+            return len(other) == len(self) and all(
+                list(mine) == list(theirs) for mine, theirs in zip(self, other, strict=True))
+        return NotImplemented
+
+    __hash__ = None  # mutable columns
+
+    def __repr__(self) -> str:
+        return f"CompletionBatch(prompts={len(self)}, n={self.n})"
+
+
 class Generator(Protocol):
     """What the search algorithms call to sample text.
 
-    ``generate`` returns, for each prompt in order, a list of ``n`` :class:`Completion`. Samples are
+    ``generate`` returns, for each prompt in order, a list of ``n`` :class:`Completion` (or the same as one
+    :class:`CompletionBatch`, which costs the searches less). Samples are
     independent draws even where prompts repeat within one call (beam search sends a surviving beam's
     prompt once per child). With ``temperature == 0`` the generator decodes greedily; with an int
     ``seed`` the call is a deterministic function of its arguments.
