@@ -24,8 +24,12 @@ class Op:
     __slots__ = ("name", "native", "triton", "check", "reference", "tensor_args")
 
     def __init__(self, name: str, triton: Callable, check: Callable, reference: Callable, fake: Callable):
+        def checked_fake(*args):
+            refuse_meta(self.tensor_args, args)
+            return fake(*args)
+
         for op in (f"fastsearch::{name}", triton):
-            torch.library.register_fake(op, fake, lib=lib)
+            torch.library.register_fake(op, checked_fake, lib=lib)
         self.name = name
         self.native = getattr(torch.ops.fastsearch, name).default
         self.triton = triton
@@ -34,10 +38,16 @@ class Op:
         self.tensor_args = tensor_positions(self.native._schema)
 
     def run(self, backend: str, device: torch.device, *args):
-        check_readable(self.tensor_args, args, device)
-        which = _backend.resolve(backend, device, self.name)
+        # The C++ ops check their tensors' devices (and refuse meta) themselves: the readable check runs in
+        # Python only on the way to Triton or the reference, and to name the argument a backend cannot take.
+        try:
+            which = _backend.resolve(backend, device, self.name)
+        except ValueError:
+            check_readable(self.tensor_args, args, device)
+            raise
         if which == "cpu" or which == "cuda":
             return self.native(*args)
+        check_readable(self.tensor_args, args, device)
         self.check(*args)
         if which == "triton":
             return self.triton(*args)
@@ -54,11 +64,24 @@ def tensor_positions(schema) -> tuple[tuple[int, str, bool], ...]:
     return tuple(found)
 
 
+def refuse_meta(tensor_args, args, names: dict[str, str] | None = None) -> None:
+    """Refuse real meta tensors where an op's fake runs (the Meta dispatch key), naming the argument.
+
+    A C++ op called with a meta tensor among device tensors dispatches to its fake, which would hand back
+    outputs with no data; torch.compile's FakeTensors (not ``is_meta``) pass.
+    """
+    tensors = [args[position] for position, _, _ in tensor_args if isinstance(args[position], torch.Tensor)]
+    if any(tensor.is_meta for tensor in tensors):
+        device = next((tensor.device for tensor in tensors if not tensor.is_meta), torch.device("meta"))
+        check_readable(tensor_args, args, device, names)
+
+
 def check_readable(tensor_args, args, device: torch.device, names: dict[str, str] | None = None) -> None:
     """Every tensor argument is a tensor (None only where optional) with data on ``device``.
 
-    Run before any backend is picked, for every op: a meta tensor (no data) or one on another device would
-    otherwise reach a kernel that reads its pointer, or a fake that returns uninitialised memory. ``names``
+    Run before the Triton kernels and the references (the C++ ops check the same themselves) and where the
+    backend cannot take the tensors: a meta tensor (no data) or one on another device would otherwise reach a
+    kernel that reads its pointer, or a fake that returns uninitialised memory. ``names``
     renames arguments in the messages (the out= outputs). TypeError / ValueError naming the argument.
     """
     first = None

@@ -18,6 +18,7 @@ from fastsearch.ops._common import (
     Op,
     check_data,
     check_readable,
+    refuse_meta,
     lib,
     method_code,
     per_sample,
@@ -277,13 +278,20 @@ class _OutOp:
         torch.library.register_fake(self.native, self._native_fake, lib=lib)
         torch.library.register_fake(self.triton, self._triton_fake, lib=lib)
 
+    def check_readable(self, device: torch.device, args: tuple, outs: tuple) -> None:
+        check_readable(self.tensor_args, args + outs, device, dict(zip(self.out_names, self.messages, strict=True)))
+
     def run(self, backend: str, device: torch.device, args: tuple, outs: tuple) -> tuple:
         """Write the step into ``outs`` with the backend ``backend`` resolves to; returns ``outs``."""
-        check_readable(self.tensor_args, args + outs, device, dict(zip(self.out_names, self.messages, strict=True)))
-        which = _backend.resolve(backend, device, self.name)
+        try:
+            which = _backend.resolve(backend, device, self.name)
+        except ValueError:
+            self.check_readable(device, args, outs)
+            raise
         if which == "cpu" or which == "cuda":
             self.native(*args, **dict(zip(self.out_names, outs, strict=True)))
             return outs
+        self.check_readable(device, args, outs)
         self.op.check(*args)
         self.check_outs(args[0], outs)
         if which == "triton":
@@ -329,10 +337,12 @@ class _OutOp:
 
     def _native_fake(self, *args, **outs):
         outs = tuple(outs[name] for name in self.out_names)
+        refuse_meta(self.tensor_args, args + outs, dict(zip(self.out_names, self.messages, strict=True)))
         self.check_outs(args[0], outs)
         return outs[0] if len(outs) == 1 else outs
 
     def _triton_fake(self, *args_and_outs):
+        refuse_meta(self.tensor_args, args_and_outs, dict(zip(self.out_names, self.messages, strict=True)))
         count = len(self.out_names)
         self.check_outs(args_and_outs[0], args_and_outs[-count:])
 
