@@ -4,8 +4,10 @@
   and samples at once, stopping at stop strings (the step delimiter).
 - :class:`HFProcessRewardModel`: the ``StepVerifier`` protocol for a Math-Shepherd-style PRM (a step tag
   after each step, scored by the softmax of a "good" and a "bad" token's logits at the tag). It runs the
-  model for hidden states only and scores the tags with :func:`fastsearch.prm_scores` on two rows of the
-  LM head: no [tokens, vocabulary] logit matrix is ever formed.
+  base model for hidden states only and scores the tags with :func:`fastsearch.prm_scores` on two rows of
+  the LM head: no [tokens, vocabulary] logit matrix is ever formed. With ``incremental=True`` it keeps
+  each live candidate's key/value cache between calls (:mod:`fastsearch.integrations.prm_engine`).
+- :mod:`fastsearch.integrations.prms`: the Qwen2.5-Math-PRM and RLHFlow PRM formats, scored the same way.
 - :func:`lm_head_rows`: those rows, read from a causal LM's output embedding and config, for use with
   :func:`fastsearch.prm_step_scores` / :func:`fastsearch.prm_scores` directly.
 
@@ -16,19 +18,33 @@ this module never imports ``transformers`` itself; running them needs the ``tran
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 
 import torch
 
-from fastsearch.checks import check_choice, check_float, check_int, check_texts
-from fastsearch.ops.score import AGGREGATIONS, prm_scores
-from fastsearch.search import Completion
+from fastsearch.checks import check_float, check_int, check_texts
+from fastsearch.integrations.prm_engine import SegmentPRM
+from fastsearch.integrations.prm_engine import model_device as _model_device
+from fastsearch.search import CompletionBatch
 from fastsearch.seeding import check_seed
 
 
-def _model_device(model) -> torch.device:
-    return next(model.parameters()).device
+def single_token(tokenizer, name: str, text: str) -> int:
+    """The id of ``text``, which must be exactly one token of ``tokenizer`` (ValueError naming ``name``)."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if len(ids) != 1:
+        raise ValueError(f"{name}={text!r} must be exactly one token of the tokenizer, got ids {ids}")
+    return ids[0]
+
+
+def leading_special_ids(tokenizer) -> tuple[int, ...]:
+    """The special tokens the tokenizer puts before a text (e.g. BOS), found by encoding a probe both ways."""
+    plain = tokenizer.encode("x", add_special_tokens=False)
+    framed = tokenizer.encode("x", add_special_tokens=True)
+    for start in range(len(framed) - len(plain) + 1):
+        if framed[start:start + len(plain)] == plain:
+            return tuple(framed[:start])
+    return ()
 
 
 def lm_head_rows(model, token_ids, *, with_bias: bool = False):
@@ -108,7 +124,8 @@ class HFGenerator:
             seed: makes the call deterministic (torch's global RNG is restored afterwards).
 
         Returns:
-            P lists of n :class:`fastsearch.search.Completion`.
+            a :class:`fastsearch.search.CompletionBatch`: for each of the P prompts, n completions
+            (``batch[p]`` is prompt p's list of :class:`fastsearch.search.Completion`).
         """
         prompts = check_texts("prompts", prompts, allow_empty=True)
         n = check_int("n", n)
@@ -118,16 +135,15 @@ class HFGenerator:
         seed = None if seed is None else check_seed(seed)
         per_call = max(1, self.batch_size // n)
         devices = [_model_device(self.model)] if _model_device(self.model).type == "cuda" else []
-        results = []
+        samples = []
         with torch.random.fork_rng(devices=devices, enabled=seed is not None):
             if seed is not None:
                 torch.manual_seed(seed)
             for start in range(0, len(prompts), per_call):
-                chunk = prompts[start:start + per_call]
-                rows = self._generate_rows(chunk, n, stop, temperature, max_tokens)
-                for p in range(len(chunk)):
-                    results.append([Completion(*self._completion(row, stop)) for row in rows[p * n:(p + 1) * n]])
-        return results
+                rows = self._generate_rows(prompts[start:start + per_call], n, stop, temperature, max_tokens)
+                samples += (self._completion(row, stop) for row in rows)
+        texts, tokens, finished = zip(*samples, strict=True) if samples else ((), (), ())
+        return CompletionBatch(list(texts), tokens, finished, n)
 
     def _generate_rows(self, prompts, n, stop, temperature, max_tokens) -> list[list[int]]:
         side = self.tokenizer.padding_side
@@ -167,13 +183,17 @@ class HFGenerator:
         return text, len(tokens), False
 
 
-class HFProcessRewardModel:
+class HFProcessRewardModel(SegmentPRM):
     """A ``StepVerifier`` for a Math-Shepherd-style PRM, scored on hidden states without vocabulary logits.
 
     Each candidate becomes ``problem + sep + step_1 + " " + step_tag + sep + step_2 + " " + step_tag ...``
     (``sep = step_separator``; tags inside the texts are dropped first); the score of step i is
     ``softmax(l_good, l_bad)[good]`` at the i-th tag, computed by :func:`fastsearch.prm_scores` from the
-    last hidden states and the two LM-head rows.
+    last hidden states of the base model and the two LM-head rows.
+
+    Tokenization: the problem (after the tokenizer's leading special tokens, e.g. BOS) and each step's
+    ``sep + step + " " + tag`` are tokenized separately and concatenated, so that a cached prefix is
+    exactly the start of a longer candidate (:mod:`fastsearch.integrations.prm_engine`).
 
     Args:
         model: a transformers causal LM (the PRM).
@@ -184,98 +204,24 @@ class HFProcessRewardModel:
         batch_size: candidates per forward pass.
         aggregate: how :meth:`score_candidates` aggregates steps (``"last"``, ``"min"``, ``"prod"``, ...; the
             ``method`` of :func:`fastsearch.aggregate_steps`, named as the searches' ``aggregate`` option).
+        incremental: keep each live candidate's key/value cache between calls and run only new steps'
+            tokens (same scores to float tolerance; see :mod:`fastsearch.integrations.prm_engine`).
     """
 
     def __init__(self, model, tokenizer, step_tag: str, good_token: str, bad_token: str, *,
-                 step_separator: str = "\n", batch_size: int = 16, aggregate: str = "last"):
-        self.model = model
-        self.tokenizer = tokenizer
+                 step_separator: str = "\n", batch_size: int = 16, aggregate: str = "last", incremental: bool = False):
+        self._setup(model, tokenizer, batch_size=batch_size, incremental=incremental, aggregate=aggregate)
         self.step_tag = step_tag
         self.step_separator = step_separator
-        self.batch_size = check_int("batch_size", batch_size)
-        self.aggregate = check_choice("aggregate", aggregate, AGGREGATIONS)
-        self.tag_id = self._single_token("step_tag", step_tag)
-        good, bad = self._single_token("good_token", good_token), self._single_token("bad_token", bad_token)
+        self.tag_id = single_token(tokenizer, "step_tag", step_tag)
+        good, bad = single_token(tokenizer, "good_token", good_token), single_token(tokenizer, "bad_token", bad_token)
         self.head, self.head_bias = lm_head_rows(model, [good, bad], with_bias=True)
-        forward = inspect.signature(model.forward).parameters
-        # a forward that can skip the logits (all but one position) need not build [tokens, vocab]
-        self._skip_logits = {"logits_to_keep": 1} if "logits_to_keep" in forward else {}
-        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.marker_id, self.marker_text = self.tag_id, step_tag
+        self.leading_ids = leading_special_ids(tokenizer)
 
-    def _single_token(self, name: str, text: str) -> int:
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
-        if len(ids) != 1:
-            raise ValueError(f"{name}={text!r} must be exactly one token of the tokenizer, got ids {ids}")
-        return ids[0]
+    def _prefix_text(self, problem: str) -> str:
+        return problem.replace(self.step_tag, "")
 
-    def format(self, problem: str, steps: Sequence[str]) -> str:
-        """The text the PRM reads for one candidate. The tag is removed from the problem and step texts
-        (a generator can emit it), so that tag i is the end of step i."""
-        tag = self.step_tag
-        return problem.replace(tag, "") + "".join(f"{self.step_separator}{step.replace(tag, '')} {tag}"
-                                                  for step in steps)
-
-    def score(self, problems: Sequence[str], step_lists: Sequence[Sequence[str]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Step scores of every candidate, packed.
-
-        Args:
-            problems: N problem texts (``problems[i]`` belongs to candidate i).
-            step_lists: N lists of step texts.
-
-        Returns:
-            ``(step_scores [S] float32, offsets [N + 1] int64)`` on the CPU, S the total number of steps.
-        """
-        step_scores, _, offsets = self._run(problems, step_lists, "last")
-        return step_scores, offsets
-
-    def score_candidates(self, problems: Sequence[str], step_lists: Sequence[Sequence[str]]) -> torch.Tensor:
-        """One aggregated score per candidate (``aggregate`` of the constructor), [N] float32; NaN without steps."""
-        return self._run(problems, step_lists, self.aggregate)[1]
-
-    def _run(self, problems, step_lists, method):
-        problems = check_texts("problems", problems, allow_empty=True)
-        if isinstance(step_lists, str) or not isinstance(step_lists, Sequence):
-            raise TypeError(f"step_lists must be a sequence of step lists, got {type(step_lists).__name__}")
-        if len(problems) != len(step_lists):
-            raise ValueError(f"problems has {len(problems)} entries but step_lists has {len(step_lists)}: one "
-                             "problem per candidate")
-        for index, steps in enumerate(step_lists):
-            check_texts(f"step_lists[{index}]", steps, allow_empty=True)
-        step_chunks, candidate_chunks = [], []
-        for start in range(0, len(problems), self.batch_size):
-            texts = [self.format(problem, steps) for problem, steps in
-                     zip(problems[start:start + self.batch_size], step_lists[start:start + self.batch_size],
-                         strict=True)]
-            counts = [len(steps) for steps in step_lists[start:start + self.batch_size]]
-            candidates, steps = self._score_chunk(texts, counts, start, method)
-            candidate_chunks.append(candidates)
-            step_chunks.append(steps)
-        counts = torch.tensor([0] + [len(steps) for steps in step_lists], dtype=torch.int64)
-        offsets = counts.cumsum(0)
-        if not step_chunks:
-            return torch.zeros(0), torch.zeros(0), offsets
-        return torch.cat(step_chunks), torch.cat(candidate_chunks), offsets
-
-    def _score_chunk(self, texts, counts, first, method):
-        device = _model_device(self.model)
-        side = self.tokenizer.padding_side
-        self.tokenizer.padding_side = "right"
-        try:
-            batch = self.tokenizer(texts, return_tensors="pt", padding=True).to(device)
-        finally:
-            self.tokenizer.padding_side = side
-        ids = batch["input_ids"]
-        is_tag = (ids == self.tag_id) & batch["attention_mask"].bool()
-        found = is_tag.sum(-1).tolist()
-        for index, (got, expected) in enumerate(zip(found, counts, strict=True)):
-            if got != expected:
-                raise ValueError(f"candidate {first + index}: found {got} step tags {self.step_tag!r} for {expected} "
-                                 "steps (a step contains the tag, or the text was truncated)")
-        with torch.inference_mode():
-            out = self.model(**batch, output_hidden_states=True, **self._skip_logits)
-        hidden = out.hidden_states[-1]
-        positions = torch.nonzero(is_tag.reshape(-1)).squeeze(-1)
-        offsets = torch.tensor([0] + counts, dtype=torch.int64, device=device).cumsum(0)
-        candidates, steps = prm_scores(hidden, positions, self.head, offsets=offsets, head_bias=self.head_bias,
-                                       method=method, empty=float("nan"))
-        return candidates.cpu(), steps.cpu()
+    def _segment_texts(self, index: int, step: str) -> tuple[str, str]:
+        # the tag is removed from the step (a generator can emit it), so that tag i is the end of step i
+        return f"{self.step_separator}{step.replace(self.step_tag, '')} {self.step_tag}", ""
