@@ -64,7 +64,7 @@ def _zo_combine_kernel(pivot_ptr, partial_ptr, out_ptr, seed: tl.int64, dim, num
     gg = tl.sum(tl.load(partial + 2, mask=in_row, other=0.0))
     # |x| (c u + sqrt(1 - c^2) w) with w = (g - (g.u) u) / |g - (g.u) u|, written as alpha x + beta g;
     # a zero pivot gets zero neighbours.
-    nonzero = xx > 0
+    nonzero = xx != 0  # NaN in the pivot goes through the formula: NaN everywhere
     safe_xx = tl.where(nonzero, xx, 1.0)
     orth_norm = tl.sqrt(tl.maximum(gg - gx * gx / safe_xx, 1e-30))
     beta = tl.where(nonzero, sin_sim * tl.sqrt(xx) / orth_norm, 0.0)

@@ -97,7 +97,7 @@ at::Tensor zo_neighbors(const at::Tensor& pivot, int64_t num_neighbors, double c
                                               static_cast<uint64_t>(row * dim), gaussians.get());
         // out = alpha x + beta g: |x| (c u + sqrt(1 - c^2) w) with w the unit part of g orthogonal to u.
         double alpha = 0.0, beta = 0.0;  // a zero pivot has zero neighbours
-        if (sums.xx > 0.0) {
+        if (sums.xx != 0.0) {  // NaN in the pivot: the formula, so NaN everywhere
           const double orthogonal_norm = std::sqrt(std::max(sums.gg - sums.gx * sums.gx / sums.xx, 1e-30));
           beta = orthogonal_share * std::sqrt(sums.xx) / orthogonal_norm;
           alpha = cos_sim - beta * sums.gx / sums.xx;

@@ -140,7 +140,7 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ float alpha_beta[2];
   __shared__ bool zero_pivot;
   if (threadIdx.x == 0) {
-    zero_pivot = !(total.xx > 0.0f);
+    zero_pivot = total.xx == 0.0f;  // NaN in the pivot goes through the formula: NaN everywhere
     if (!zero_pivot) {
       const float orth_norm = sqrtf(clamp_min(total.gg - total.gx * total.gx / total.xx, 1e-30f));
       const float beta = sin_sim * sqrtf(total.xx) / orth_norm;

@@ -102,11 +102,12 @@ def _zo_neighbors_reference(pivot: torch.Tensor, num_neighbors: int, cos_sim: fl
     xx = (x * x).sum(-1, keepdim=True)
     gx = (g * x).sum(-1, keepdim=True)
     gg = (g * g).sum(-1, keepdim=True)
-    safe_xx = torch.where(xx > 0, xx, torch.ones_like(xx))
+    nonzero = xx != 0  # a zero pivot has zero neighbours; NaN in a pivot makes all its neighbours NaN
+    safe_xx = torch.where(nonzero, xx, torch.ones_like(xx))
     orth_norm = torch.sqrt(torch.clamp(gg - gx * gx / safe_xx, min=1e-30))
     beta = math.sqrt(max(1.0 - cos_sim * cos_sim, 0.0)) * torch.sqrt(xx) / orth_norm
     alpha = cos_sim - beta * gx / safe_xx
-    out = torch.where(xx > 0, alpha * x + beta * g, torch.zeros_like(g))
+    out = torch.where(nonzero, alpha * x + beta * g, torch.zeros_like(g))
     return out.reshape((batch, num_neighbors) + tuple(pivot.shape[1:])).to(pivot.dtype)
 
 
