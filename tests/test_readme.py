@@ -29,3 +29,5 @@ def test_the_readme_examples_run_as_written(one_thread):
     assert namespace["scores"].shape == (3,) and namespace["combined"].shape == (3,)
     assert namespace["aesthetic"].cost.calls >= 1 and namespace["judge"].cost.images > 0  # the shipped verifiers ran
     assert len(namespace["result"].answers) == 8 and namespace["result"].spent.generator_calls >= 1
+    assert len(namespace["served"]) == 2 and all(len(r.answers) == 4 for r in namespace["served"])
+    assert namespace["qwen_prm"].tokens_processed > 0 and len(namespace["prm_search"].answers) == 2
