@@ -39,33 +39,38 @@ OUTCOMES = ("agrees", "clear error", "unclear", "crash", "silent wrong")
 
 
 def _tensor_mutations(torch, value):
-    """Hostile replacements of a tensor argument, by name."""
-    base = value if value is not None else torch.zeros(3)
-    wide = torch.zeros((base.numel() * 2,) if base.dim() <= 1 else base.shape[:-1] + (base.shape[-1] * 2,),
-                       dtype=base.dtype)
-    strided = wide[..., ::2] if base.dim() >= 1 else base
-    if base.dim() >= 1:
-        strided.copy_(base)
+    """Hostile replacements of a tensor argument: name -> a function building it from the valid tensor."""
+
+    def strided(base):
+        wide = torch.zeros(base.shape[:-1] + (2 * base.shape[-1],), dtype=base.dtype)
+        view = wide[..., ::2]
+        view.copy_(base)
+        return view
+
+    def filled(number):
+        return lambda base: base.clone().fill_(number)
+
     return {
-        "none": None,
-        "string": "0.5",
-        "list": base.tolist() if base.dim() else [0.5],
-        "int": 3,
-        "bool_tensor": base.bool(),
-        "int32_tensor": base.to(torch.int32),
-        "float64_tensor": base.double(),
-        "complex_tensor": base.to(torch.complex64),
-        "extra_dim": base.unsqueeze(0),
-        "dropped_dim": base.reshape(-1)[0] if base.dim() == 1 else base.reshape(-1),
-        "empty": base.new_empty((0,) + tuple(base.shape[1:])),
-        "meta": base.to("meta"),
+        "none": lambda base: None,
+        "string": lambda base: "0.5",
+        "list": lambda base: base.tolist(),
+        "int": lambda base: 3,
+        "bool_tensor": lambda base: base.bool(),
+        "int32_tensor": lambda base: base.to(torch.int32),
+        "float64_tensor": lambda base: base.double(),
+        "complex_tensor": lambda base: base.to(torch.complex64),
+        "extra_dim": lambda base: base.unsqueeze(0),
+        "flattened": lambda base: base.reshape(-1),
+        "scalar": lambda base: base.reshape(-1)[0],
+        "empty": lambda base: base.new_empty((0,) + tuple(base.shape[1:])),
+        "meta": lambda base: base.to("meta"),
         "strided": strided,
-        "expanded": base.reshape(-1)[:1].expand(base.shape) if base.numel() else base,
-        "nan": base.float().fill_(float("nan")).to(base.dtype) if base.is_floating_point() else base,
-        "inf": base.float().fill_(float("inf")).to(base.dtype) if base.is_floating_point() else base,
-        "negative": -base.abs() - 1 if base.dtype != torch.bool else base,
-        "huge_values": base.float().fill_(1e30).to(base.dtype) if base.is_floating_point() else base.fill_(2**40)
-        if base.dtype == torch.int64 else base,
+        "expanded": lambda base: base.reshape(-1)[:1].expand(base.shape),
+        "nan": filled(float("nan")),
+        "inf": filled(float("inf")),
+        "negative": lambda base: -base.abs() - 1,
+        "huge_values": filled(1e30),
+        "huge_ints": filled(2**40),
     }
 
 
@@ -143,7 +148,12 @@ def make_case(op: str, index: int, seed: int):
     name = rng.choice(sorted(kwargs))
     value = kwargs[name]
     if isinstance(value, torch.Tensor):
-        mutation, replacement = rng.choice(sorted(_tensor_mutations(torch, value).items(), key=lambda kv: kv[0]))
+        builders = _tensor_mutations(torch, value)
+        mutation = rng.choice(sorted(builders))
+        try:
+            replacement = builders[mutation](value)
+        except (RuntimeError, IndexError, TypeError, ValueError):  # not buildable from this tensor (empty ...)
+            mutation, replacement = "none", None
     else:
         mutation = rng.choice(sorted(SCALAR_MUTATIONS))
         replacement = SCALAR_MUTATIONS[mutation]
