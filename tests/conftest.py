@@ -1,3 +1,4 @@
+import importlib.util
 import os
 
 import pytest
@@ -7,6 +8,11 @@ import torch
 # before triton is first imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# tests/vllm runs in its own environment with vLLM installed (`make vllm-test`); elsewhere it is not collected.
+# A spec without an origin is the namespace package that the folder tests/vllm itself looks like.
+_vllm = importlib.util.find_spec("vllm")
+collect_ignore_glob = [] if _vllm is not None and _vllm.origin is not None else ["vllm/*"]
 
 
 @pytest.fixture

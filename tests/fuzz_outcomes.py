@@ -89,6 +89,8 @@ def _valid(torch, fastsearch, op, rng):
     total = sum(sizes)
     offsets = torch.tensor([0, *torch.tensor(sizes).cumsum(0).tolist()], dtype=torch.int64)
     values = torch.randn(total, generator=torch.Generator().manual_seed(g(0, 10**6)))
+    # resampling needs a candidate in every group: its groups are the non-empty ones
+    nonempty_offsets = torch.unique_consecutive(offsets) if total else offsets[:1]
     shape = (g(1, 4), g(1, 3), g(2, 6))
     x = torch.randn(shape, generator=torch.Generator().manual_seed(g(0, 10**6))).to(dtype)
     v = torch.randn(shape, generator=torch.Generator().manual_seed(g(0, 10**6))).to(dtype)
@@ -104,7 +106,7 @@ def _valid(torch, fastsearch, op, rng):
                            lengths=torch.randint(1, 30, (total,)), length_penalty=rng.choice([0.0, 1.0]),
                            dedup_keys=torch.randint(0, 3, (total,)), refill_to=g(0, 6)),
         "effective_sample_size": dict(log_weights=values, offsets=offsets),
-        "resample": dict(log_weights=values, num_samples=g(1, 5), offsets=offsets,
+        "resample": dict(log_weights=values, num_samples=g(1, 5), offsets=nonempty_offsets,
                          method=rng.choice(["systematic", "multinomial", "stratified", "residual"]), seed=seed),
         "vote": dict(answer_keys=torch.randint(0, 3, (total,)), scores=values.abs(), offsets=offsets,
                      method=rng.choice(["majority", "weighted"]), mask=torch.rand(total) > 0.2),
@@ -124,7 +126,7 @@ def _valid(torch, fastsearch, op, rng):
                           prediction_type=rng.choice(["epsilon", "sample", "v_prediction"]),
                           clip_sample_range=rng.choice([None, 1.0])),
         "flow_euler_step": dict(sample=x, velocity=v, sigma=torch.rand(shape[0]), sigma_next=rng.uniform(0, 0.5),
-                                seed=seed, stochastic=bool(g(0, 1))),
+                                **({"seed": seed, "stochastic": True} if g(0, 1) else {})),
         "flow_heun_step": dict(sample=x, velocity=v, velocity_next=v.flip(0), sigma=0.7, sigma_next=0.4),
         "renoise": dict(sample=x, level_from=0.4, level_to=0.6, schedule="flow", seed=seed),
         "randn": dict(shape=(g(0, 5), g(1, 7)), seed=seed, offset=g(0, 2**40), dtype=dtype),
@@ -256,8 +258,12 @@ def _names_argument(message: str, argument: str | None) -> bool:
                                               message) is not None
 
 
-def classify(results: dict, argument: str | None) -> tuple[str, str]:
-    """The case's outcome from every backend's result (the reference's under "torch") and a one-line why."""
+def classify(results: dict, argument: str | None, arguments: tuple[str, ...] = ()) -> tuple[str, str]:
+    """The case's outcome from every backend's result (the reference's under "torch") and a one-line why.
+
+    An error is clear when it is a ValueError or TypeError naming the mutated ``argument``, or another of the
+    op's ``arguments`` (a mismatch between two arguments may be named by either: an empty ``scores`` against
+    its ``offsets``)."""
     crashed = {b: r for b, r in results.items() if r[0] == "crash"}
     if crashed:
         return "crash", ", ".join(f"{b}: {r[1]}" for b, r in crashed.items())
@@ -266,8 +272,8 @@ def classify(results: dict, argument: str | None) -> tuple[str, str]:
         return "unclear", "raises on " + ", ".join(f"{b} ({r[1]}: {r[2][:80]})" for b, r in raised.items()) + \
             " but returns on " + ", ".join(b for b in results if b not in raised)
     if raised:
-        bad = {b: r for b, r in raised.items() if r[1] not in ("ValueError", "TypeError")
-               or not _names_argument(r[2], argument)}
+        bad = {b: r for b, r in raised.items() if r[1] not in ("ValueError", "TypeError") or argument is None
+               or not any(_names_argument(r[2], name) for name in (argument, *arguments))}
         if bad:
             b, r = next(iter(bad.items()))
             return "unclear", f"{b}: {r[1]}: {r[2][:120]}"
@@ -298,9 +304,9 @@ def main(argv=None) -> int:
     try:
         for op in ops:
             for index in range(args.cases_per_op):
-                _, _, argument, mutation = make_case(op, index, args.seed)
+                function, kwargs, argument, mutation = make_case(op, index, args.seed)
                 results = {backend: workers[backend].run(op, index, backend) for backend in backends}
-                outcome, why = classify(results, argument)
+                outcome, why = classify(results, argument, tuple(kwargs))
                 counts[outcome] += 1
                 per_op[op][outcome] += 1
                 if outcome not in ("agrees", "clear error"):

@@ -23,6 +23,11 @@ def test_classify_every_outcome():
     assert classify({"torch": OK, "cpu": wrong}, None)[0] == "silent wrong"
     assert classify({"torch": OK, "cpu": ("ok", (torch.tensor([1.0, 2.0], dtype=torch.float64),))},
                     None)[0] == "silent wrong"  # a different dtype is wrong too
+    # a mismatch named by the other argument of the pair is clear; a name of no argument is not
+    offsets_named = ("raised", "ValueError", "offsets must end at T=0")
+    assert classify({"torch": offsets_named, "cpu": offsets_named}, "scores", ("scores", "offsets"))[0] == \
+        "clear error"
+    assert classify({"torch": offsets_named, "cpu": offsets_named}, "scores", ("scores",))[0] == "unclear"
     # a valid call that raises everywhere is not a clear error: nothing was at fault
     assert classify({"torch": named, "cpu": named}, None)[0] == "unclear"
 

@@ -367,7 +367,7 @@ def test_empty_groups(case):
                                                   (torch.tensor([1.]), torch.tensor([0, 1, 1]))])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_resample_from_an_empty_group_is_a_value_error(log_weights, offsets, backend):
-    with pytest.raises(ValueError, match="has no candidate with finite log-weight"):
+    with pytest.raises(ValueError, match="log_weights: group .* has no candidate with finite log-weight"):
         fs.resample(log_weights, 2, offsets=offsets, seed=0, backend=backend)
 
 

@@ -261,7 +261,7 @@ def test_empty_one_group(device, backend):
     _assert_same(fastsearch.ensemble_scores(empty, backend=backend), torch.empty(0, device=device))
 
     for log_weights in (empty, empty[None]):  # nothing to draw from: the same error either way
-        with pytest.raises(ValueError, match="group 0 has no candidate"):
+        with pytest.raises(ValueError, match="log_weights: group 0 has no candidate"):
             fastsearch.resample(log_weights, 4, seed=0, backend=backend)
 
 

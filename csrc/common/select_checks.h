@@ -106,7 +106,7 @@ inline void check_resample_args(const at::Tensor& log_weights, const std::option
 inline void report_resample_errors(int64_t first_nan_group, int64_t first_dead_group) {
   TORCH_CHECK_VALUE(first_nan_group < 0, "log_weights contain NaN or +inf (group ", first_nan_group,
                     "): a log-weight must be a number below +inf");
-  TORCH_CHECK_VALUE(first_dead_group < 0, "group ", first_dead_group,
+  TORCH_CHECK_VALUE(first_dead_group < 0, "log_weights: group ", first_dead_group,
                     " has no candidate with finite log-weight (all -inf or empty): nothing to resample from");
 }
 

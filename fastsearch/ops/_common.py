@@ -46,7 +46,11 @@ class Op:
             check_readable(self.tensor_args, args, device)
             raise
         if which == "cpu" or which == "cuda":
-            return self.native(*args)
+            try:
+                return self.native(*args)
+            except RuntimeError:  # the dispatcher's own message for a non-tensor argument names no rule
+                check_readable(self.tensor_args, args, device)
+                raise
         check_readable(self.tensor_args, args, device)
         self.check(*args)
         if which == "triton":

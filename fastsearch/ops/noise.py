@@ -217,8 +217,10 @@ def _shape_arg(shape) -> tuple[tuple[int, ...], int]:
         raise TypeError(f"shape must be a sequence of ints, got {type(shape).__name__}")
     sizes = []
     for size in shape:
-        if isinstance(size, torch.Tensor) and size.dim() == 0 and not size.is_floating_point() \
-                and size.dtype != torch.bool:
+        if isinstance(size, torch.Tensor):
+            if size.dim() != 0 or size.is_floating_point() or size.is_complex() or size.dtype == torch.bool:
+                raise TypeError(f"shape must be a sequence of ints, got an element that is a {size.dtype} tensor of "
+                                f"shape {list(size.shape)}")
             size = int(size)
         if isinstance(size, bool) or not hasattr(size, "__index__"):
             raise TypeError(f"shape must be a sequence of ints, got an element of type {type(size).__name__}")

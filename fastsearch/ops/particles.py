@@ -115,7 +115,7 @@ def _check_resample(log_weights, offsets, num_samples, method, seed):
     alive = ((groups > -torch.inf) & inside).any(-1)
     if not bool(alive.all()):
         dead = int(torch.nonzero(~alive)[0])
-        raise ValueError(f"group {dead} has no candidate with finite log-weight (all -inf or empty): "
+        raise ValueError(f"log_weights: group {dead} has no candidate with finite log-weight (all -inf or empty): "
                          "nothing to resample from")
 
 

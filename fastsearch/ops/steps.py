@@ -289,7 +289,11 @@ class _OutOp:
             self.check_readable(device, args, outs)
             raise
         if which == "cpu" or which == "cuda":
-            self.native(*args, **dict(zip(self.out_names, outs, strict=True)))
+            try:
+                self.native(*args, **dict(zip(self.out_names, outs, strict=True)))
+            except RuntimeError:  # the dispatcher's own message for a non-tensor argument names no rule
+                self.check_readable(device, args, outs)
+                raise
             return outs
         self.check_readable(device, args, outs)
         self.op.check(*args)
