@@ -17,7 +17,8 @@ STAMP := $(VENV)/.installed
 PIN := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 SOURCES := setup.py pyproject.toml $(CONSTRAINTS) $(wildcard csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh)
 
-.PHONY: install demo test test-latest dist-check bench lint cuda-check gpu-check fuzz clean vllm-install vllm-test
+.PHONY: install demo test test-latest dist-check bench lint cuda-check gpu-check fuzz clean vllm-install vllm-test \
+	ray-test
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -110,6 +111,26 @@ vllm-install: $(VLLM_STAMP)
 # PRM, OpenAI-compatible server) take 20 to 100 s each, partly overlapping.
 vllm-test: install vllm-install
 	$(VLLM_PY) -m pytest -q tests/vllm
+
+# Ray Data for real: tests/ray runs the dataset scale-out (fastsearch.demos.ray_dataset: one search per actor, answers
+# equal one process's) on a local Ray cluster, in a separate $(RAY_VENV) with torch (TORCH_SPEC), ray[data] and
+# pytest at the versions of tests/ray/constraints.txt; fastsearch is this checkout, as in $(VLLM_VENV). About 1.5
+# minutes from scratch here, most of it installing.
+RAY_VENV ?= .venv-ray
+RAY_CONSTRAINTS ?= tests/ray/constraints.txt
+RAY_PY := $(RAY_VENV)/bin/python
+
+$(RAY_VENV)/.installed: $(RAY_CONSTRAINTS)
+	rm -rf $(RAY_VENV)
+	$(PYTHON) -m venv $(RAY_VENV)
+	$(RAY_PY) -m pip install --quiet -c $(RAY_CONSTRAINTS) "$(TORCH_SPEC)" "ray[data]" pytest pytest-benchmark tqdm
+	$(RAY_PY) -c "import pathlib, sys, sysconfig; \
+		pathlib.Path(sysconfig.get_paths()['purelib'], 'fastsearch-checkout.pth').write_text(sys.argv[1] + '\n')" \
+		"$(CURDIR)"
+	touch $@
+
+ray-test: install $(RAY_VENV)/.installed
+	$(RAY_PY) -m pytest -q tests/ray
 
 bench: install
 	$(PY) -m pytest -q benchmarks --benchmark-enable --benchmark-columns=median,ops,rounds

@@ -9,10 +9,17 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# tests/vllm runs in its own environment with vLLM installed (`make vllm-test`); elsewhere it is not collected.
-# A spec without an origin is the namespace package that the folder tests/vllm itself looks like.
-_vllm = importlib.util.find_spec("vllm")
-collect_ignore_glob = [] if _vllm is not None and _vllm.origin is not None else ["vllm/*"]
+# tests/vllm and tests/ray run in their own environments, with vLLM (`make vllm-test`) or Ray (`make ray-test`)
+# installed; elsewhere they are not collected. A spec without an origin is the namespace package that the folder
+# tests/vllm (tests/ray) itself looks like.
+
+
+def _installed(name: str) -> bool:
+    spec = importlib.util.find_spec(name)
+    return spec is not None and spec.origin is not None
+
+
+collect_ignore_glob = [f"{name}/*" for name in ("vllm", "ray") if not _installed(name)]
 
 
 @pytest.fixture

@@ -3,7 +3,8 @@ batches. Run with a Ray installation (a local cluster starts by itself):
 
     pip install 'ray[data]' && python -m fastsearch.demos.ray_dataset
 
-(ray is not a dependency of fastsearch and not installed by `make test`: this demo is run by hand.)
+(ray is not a dependency of fastsearch; `make ray-test`, which `.ci/run` runs, tests this in its own
+environment, tests/ray.)
 
 Checks that the answers equal one process's beam search over the whole dataset with the same seed (each problem's
 search is independent of the other problems of its batch).
@@ -29,20 +30,31 @@ class SearchActor:
         return {"problem": problems, "answer": result.answers}
 
 
-def main() -> None:
+def run(num_problems: int = 16, actors: int = 2) -> tuple[list[str], list[str]]:
+    """Beam search over ``num_problems`` simulated problems on Ray Data with ``actors`` actors, and the same search
+    in this process: ``(ray_answers, one_process_answers)``, both in problem order."""
+    import ray
+
+    ray.init(num_cpus=actors, include_dashboard=False, ignore_reinit_error=True)
     try:
-        import ray
-    except ImportError as error:
-        raise SystemExit("this demo needs Ray: pip install 'ray[data]'") from error
-    ray.init(num_cpus=2, include_dashboard=False)
-    problems = [p.text for p in reasoning.make_problems(16, seed=0)]
-    dataset = ray.data.from_items([{"problem": text} for text in problems])
-    rows = dataset.map_batches(SearchActor, batch_size=4, concurrency=2, num_cpus=1).take_all()
+        problems = [p.text for p in reasoning.make_problems(num_problems, seed=0)]
+        dataset = ray.data.from_items([{"problem": text} for text in problems])
+        rows = dataset.map_batches(SearchActor, batch_size=4, concurrency=actors, num_cpus=1).take_all()
+    finally:
+        ray.shutdown()
     by_problem = {row["problem"]: row["answer"] for row in rows}
     alone = beam_search(problems, reasoning.SimulatedGenerator(), reasoning.SimulatedPRM(), **SEARCH).answers
-    assert [by_problem[text] for text in problems] == alone, "Ray's answers differ from one process's"
-    print(f"Ray Data, 2 actors: {len(rows)} problems searched, answers equal one process's: {alone}")
-    ray.shutdown()
+    return [by_problem[text] for text in problems], alone
+
+
+def main() -> None:
+    try:
+        import ray  # noqa: F401
+    except ImportError as error:
+        raise SystemExit("this demo needs Ray: pip install 'ray[data]'") from error
+    on_ray, alone = run()
+    assert on_ray == alone, "Ray's answers differ from one process's"
+    print(f"Ray Data, 2 actors: {len(on_ray)} problems searched, answers equal one process's: {alone}")
 
 
 if __name__ == "__main__":
