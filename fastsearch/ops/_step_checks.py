@@ -81,15 +81,15 @@ def _first_bad(ok: torch.Tensor, values: torch.Tensor) -> float:
 
 def check_levels(schedule: int, start, start_value: float, end, end_value: float) -> None:
     """Re-noising goes from a cleaner level to a noisier one, both in range (so finite: NaN and +-inf are
-    refused). Checked where it costs no device sync: levels given as floats or CPU tensors.
+    refused). Levels on a GPU are checked too, at the cost of one device sync (a bad level would otherwise give
+    NaN or a wrong sample without a word).
 
     - vp (alpha_prod, noisier is smaller): ``0 < level_from <= 1`` and ``0 <= level_to <= level_from``.
     - flow (sigma, noisier is larger): ``0 <= level_from < 1`` and ``level_from <= level_to <= 1``.
     """
-    if any(t is not None and t.device.type != "cpu" for t in (start, end)):
-        return
-    start = torch.tensor(start_value, dtype=torch.float32) if start is None else start.float()
-    end = torch.tensor(end_value, dtype=torch.float32) if end is None else end.float()
+    # on the CPU: the levels are [B] at most, and mixed devices are the op's error to report, named, not this one's
+    start = torch.tensor(start_value, dtype=torch.float32) if start is None else start.detach().float().cpu()
+    end = torch.tensor(end_value, dtype=torch.float32) if end is None else end.detach().float().cpu()
     start, end = torch.broadcast_tensors(start, end)
     # Written so that NaN fails every comparison, and so every test.
     if schedule == 0:
