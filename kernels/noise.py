@@ -6,6 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._device import launches_on_tensor_device
 from .philox import plan_windows, segment_window, store_window, stream_normals
 
 # Windows per program of the zo_neighbors sums on a GPU: 8K elements of Philox work each, enough
@@ -76,6 +77,7 @@ def _zo_combine_kernel(pivot_ptr, partial_ptr, out_ptr, seed: tl.int64, dim, num
     store_window(out_ptr, index, mask, alpha * x + beta * g)
 
 
+@launches_on_tensor_device
 def randn_fill_(out, seed, offset):
     numel = out.numel()
     if numel == 0:
@@ -84,6 +86,7 @@ def randn_fill_(out, seed, offset):
     _randn_fill_kernel[(plan.windows,)](out, seed, offset, numel, BLOCK=plan.block, num_warps=plan.num_warps)
 
 
+@launches_on_tensor_device
 def zo_neighbors(pivot, num_neighbors, cos_sim, seed):
     pivot = pivot.contiguous()
     batch = pivot.shape[0]

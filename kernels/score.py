@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._device import launches_on_tensor_device
+
 # GPU PRM programs: warps side by side along H, one 16-byte vector of a hidden row per thread and H chunk,
 # every step row and head row of the program in each thread, so the loop over H is loads and FMAs only (no
 # shuffles, no shared memory). Steps per program are bounded by the per-thread partial sums (steps x head
@@ -464,17 +466,20 @@ def _launch_prm(hidden_states, step_positions, step_offsets, head_weight, head_b
     return scores, step_scores
 
 
+@launches_on_tensor_device
 def prm_step_scores(hidden_states, step_positions, head_weight, head_bias, positive_index, activation):
     return _launch_prm(hidden_states, step_positions, None, head_weight, head_bias, positive_index, activation, 0,
                        None)[1]
 
 
+@launches_on_tensor_device
 def prm_scores(hidden_states, step_positions, step_offsets, head_weight, head_bias, positive_index, activation, how,
                empty):
     return _launch_prm(hidden_states, step_positions, step_offsets, head_weight, head_bias, positive_index,
                        activation, how, empty)
 
 
+@launches_on_tensor_device
 def aggregate_steps(step_scores, step_offsets, how, empty):
     on_gpu = step_scores.is_cuda
     step_scores = step_scores.contiguous()
@@ -495,6 +500,7 @@ def aggregate_steps(step_scores, step_offsets, how, empty):
     return scores
 
 
+@launches_on_tensor_device
 def cosine_scores(embeddings, references, offsets):
     on_gpu = embeddings.is_cuda
     embeddings, embedding_stride = _rows(embeddings)
@@ -522,6 +528,7 @@ def cosine_scores(embeddings, references, offsets):
     return scores
 
 
+@launches_on_tensor_device
 def ensemble_scores(scores, offsets, how, weights):
     on_gpu = scores.is_cuda
     scores, score_stride = _rows(scores)

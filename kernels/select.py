@@ -3,7 +3,9 @@ keys (semantics: csrc/README.md, "Selection ops").
 
 One program per group. A group lives in a register block of ``BLOCK`` entries, the next power of two at
 or above the largest group (the ragged launchers read the sizes once for it), so every group of a batch
-goes in one launch. Orderings (top-k, beams) come from a bitonic sort of (key, index) pairs: the key is
+goes in one launch. A batch whose largest group is over ``LARGE_GROUP`` takes the tiled kernels of
+``select_large.py`` instead (sequence_keys always loops), compiled once for every size past it.
+Orderings (top-k, beams) come from a bitonic sort of (key, index) pairs: the key is
 an int64 whose signed order is the score's order, the index breaks ties toward the lower one, so any
 float dtype (float64 too) sorts exactly in its own precision. Same-key questions (beam dedup, votes)
 compare the whole block against chunks of the group, ``BLOCK x CHUNK`` at a time.
@@ -20,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._device import launches_on_tensor_device
 from .philox import _unit_open
 
 # Register tile of the pairwise (block x chunk) comparisons: 16 entries a thread on a GPU (twice that
@@ -29,6 +32,10 @@ INTERPRETER_PAIR_TILE = 1 << 16
 # Samples (resample) or tokens (sequence_keys) a program handles per loop trip.
 GPU_STRIP_MAX = 1024
 INTERPRETER_STRIP_MAX = 1 << 16
+# A batch whose largest group is larger takes the tiled kernels of select_large.py: one compile for every size
+# past it (a register block of the whole group would be compiled per power of two, slowly, and not at all past
+# 2^20). 2048 is the largest block compiled here (as CUDA's kCapacity).
+LARGE_GROUP = 2048
 # Below the sort key of every selectable entry, -inf included.
 _UNSELECTABLE = tl.constexpr(-(2**63))
 
@@ -101,11 +108,11 @@ def _compare_exchange(key, index, descending_run, BIT: tl.constexpr, LOG_BLOCK: 
 
 
 @triton.jit
-def _sort_best_first(key, LOG_BLOCK: tl.constexpr):
-    """Positions of the [2 ** LOG_BLOCK] ``key`` block, larger key first, lower position first on ties."""
+def _sort_pairs(key, index, LOG_BLOCK: tl.constexpr):
+    """The [2 ** LOG_BLOCK] (key, index) pairs sorted larger key first, lower index first on ties."""
     BLOCK: tl.constexpr = 2**LOG_BLOCK
     key = tl.reshape(key, [2] * LOG_BLOCK)
-    index = tl.reshape(tl.arange(0, BLOCK), [2] * LOG_BLOCK)
+    index = tl.reshape(index, [2] * LOG_BLOCK)
     for stage in tl.static_range(1, LOG_BLOCK + 1):
         # Sorted runs of 2 ** stage entries alternate in direction until the last stage merges them all.
         if stage < LOG_BLOCK:
@@ -114,7 +121,14 @@ def _sort_best_first(key, LOG_BLOCK: tl.constexpr):
             descending_run = 0
         for step in tl.static_range(stage):
             key, index = _compare_exchange(key, index, descending_run, stage - 1 - step, LOG_BLOCK)
-    return tl.reshape(index, [BLOCK])
+    return tl.reshape(key, [BLOCK]), tl.reshape(index, [BLOCK])
+
+
+@triton.jit
+def _sort_best_first(key, LOG_BLOCK: tl.constexpr):
+    """Positions of the [2 ** LOG_BLOCK] ``key`` block, larger key first, lower position first on ties."""
+    _, index = _sort_pairs(key, tl.arange(0, 2**LOG_BLOCK), LOG_BLOCK)
+    return index
 
 
 # -- segmented_topk -------------------------------------------------------------------------------------
@@ -430,6 +444,13 @@ def _groups(values, offsets):
     return sizes.numel(), largest, 0
 
 
+def _large():
+    """The tiled kernels of batches with a group over LARGE_GROUP (imported here: they import this module)."""
+    from . import select_large
+
+    return select_large
+
+
 def _block(largest_group):
     """The power-of-two block a group lives in; at least 2, so the sort has a dimension to work on."""
     return max(2, triton.next_power_of_2(largest_group))
@@ -453,12 +474,16 @@ def _optional(tensor, stand_in):
     return stand_in if tensor is None else tensor.contiguous()
 
 
+@launches_on_tensor_device
 def segmented_topk(scores, offsets, mask, k, largest):
     scores = scores.contiguous()
     groups, largest_group, group_size = _groups(scores, offsets)
     values = scores.new_empty((groups, k))
     indices = scores.new_empty((groups, k), dtype=torch.int64)
     if groups == 0:
+        return values, indices
+    if largest_group > LARGE_GROUP:
+        _large().segmented_topk(scores, offsets, mask, k, largest, groups, group_size, values, indices)
         return values, indices
     block = _block(largest_group)
     _segmented_topk_kernel[(groups,)](scores, _optional(offsets, scores), _optional(mask, scores), values, indices,
@@ -469,6 +494,7 @@ def segmented_topk(scores, offsets, mask, k, largest):
     return values, indices
 
 
+@launches_on_tensor_device
 def beam_prune(scores, offsets, k, finished, lengths, length_penalty, dedup_keys, refill_to):
     scores = scores.contiguous()
     groups, largest_group, group_size = _groups(scores, offsets)
@@ -481,6 +507,10 @@ def beam_prune(scores, offsets, k, finished, lengths, length_penalty, dedup_keys
     penalised = lengths is not None and length_penalty != 0
     # A negative base has a real power only for an integral exponent: (-1) ** p gives its sign.
     negative_length_sign = (-1.0) ** length_penalty if float(length_penalty).is_integer() else math.nan
+    if largest_group > LARGE_GROUP:
+        _large().beam_prune(scores, offsets, finished, lengths, length_penalty, negative_length_sign, dedup_keys, k,
+                            refill_to, penalised, groups, group_size, (indices, values, counts, parents))
+        return indices, values, counts, parents
     block = _block(largest_group)
     num_warps = _num_warps(block, scores.is_cuda)
     _beam_prune_kernel[(groups,)](scores, _optional(offsets, scores), _optional(finished, scores),
@@ -494,14 +524,19 @@ def beam_prune(scores, offsets, k, finished, lengths, length_penalty, dedup_keys
     return indices, values, counts, parents
 
 
+@launches_on_tensor_device
 def resample(log_weights, offsets, num_samples, method, seed):
     log_weights = log_weights.contiguous()
     groups, largest_group, group_size = _groups(log_weights, offsets)
     ancestors = log_weights.new_empty((groups, num_samples), dtype=torch.int64)
     if groups == 0:
         return ancestors
-    block = _block(largest_group)
     sample_block = _strip(num_samples, log_weights.is_cuda)
+    if largest_group > LARGE_GROUP:
+        _large().resample(log_weights, offsets, num_samples, method, seed, groups, largest_group, group_size,
+                          sample_block, ancestors)
+        return ancestors
+    block = _block(largest_group)
     _resample_kernel[(groups,)](log_weights, _optional(offsets, log_weights), ancestors, seed, group_size,
                                 log_weights.numel(), num_samples, METHOD=method, RAGGED=offsets is not None,
                                 BLOCK=block,
@@ -511,11 +546,15 @@ def resample(log_weights, offsets, num_samples, method, seed):
     return ancestors
 
 
+@launches_on_tensor_device
 def effective_sample_size(log_weights, offsets):
     log_weights = log_weights.contiguous()
     groups, largest_group, group_size = _groups(log_weights, offsets)
     ess = log_weights.new_empty((groups,), dtype=torch.float32)
     if groups == 0:
+        return ess
+    if largest_group > LARGE_GROUP:
+        _large().effective_sample_size(log_weights, offsets, groups, group_size, ess)
         return ess
     block = _block(largest_group)
     _effective_sample_size_kernel[(groups,)](log_weights, _optional(offsets, log_weights), ess, group_size,
@@ -524,11 +563,15 @@ def effective_sample_size(log_weights, offsets):
     return ess
 
 
+@launches_on_tensor_device
 def vote(answer_keys, scores, offsets, mask, mode):
     answer_keys = answer_keys.contiguous()
     groups, largest_group, group_size = _groups(answer_keys, offsets)
     winners = answer_keys.new_empty((groups,))
     if groups == 0:
+        return winners
+    if largest_group > LARGE_GROUP:
+        _large().vote(answer_keys, scores, offsets, mask, mode, groups, group_size, winners)
         return winners
     block = _block(largest_group)
     num_warps = _num_warps(block, answer_keys.is_cuda)
@@ -540,6 +583,7 @@ def vote(answer_keys, scores, offsets, mask, mode):
     return winners
 
 
+@launches_on_tensor_device
 def sequence_keys(token_ids, offsets):
     # The kernel reads both as dense arrays: a strided or expanded (stride-0) tensor is copied first.
     token_ids, offsets = token_ids.contiguous(), offsets.contiguous()

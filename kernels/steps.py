@@ -14,6 +14,7 @@ import array
 import triton
 import triton.language as tl
 
+from ._device import launches_on_tensor_device
 from .philox import plan_windows, segment_window, store_window, stream_normals
 
 
@@ -187,6 +188,7 @@ def _launch(kernel, sample, *args, **constexprs):
                                     num_warps=plan.num_warps)
 
 
+@launches_on_tensor_device
 def ddim_step(sample, model_output, alpha_prod_t, alpha_prod_t_value, alpha_prod_t_prev, alpha_prod_t_prev_value,
               eta, noise, seed, prediction_type, clip_sample_range, use_clipped_model_output, prev, x0):
     if sample.numel() == 0:
@@ -205,6 +207,7 @@ def ddim_step(sample, model_output, alpha_prod_t, alpha_prod_t_value, alpha_prod
             NOISE=eta > 0, SEEDED=seeded)
 
 
+@launches_on_tensor_device
 def flow_euler_step(sample, velocity, sigma, sigma_value, sigma_next, sigma_next_value, noise, seed, stochastic,
                     prev):
     if sample.numel() == 0:
@@ -220,6 +223,7 @@ def flow_euler_step(sample, velocity, sigma, sigma_value, sigma_next, sigma_next
             STOCHASTIC=stochastic, SEEDED=seeded)
 
 
+@launches_on_tensor_device
 def flow_heun_step(sample, velocity, velocity_next, sigma, sigma_value, sigma_next, sigma_next_value, prev):
     if sample.numel() == 0:
         return
@@ -232,6 +236,7 @@ def flow_heun_step(sample, velocity, velocity_next, sigma, sigma_value, sigma_ne
             SIGMA_FROM_TENSOR=sigma_from_tensor, SIGMA_NEXT_FROM_TENSOR=sigma_next_from_tensor)
 
 
+@launches_on_tensor_device
 def renoise(sample, level_from, level_from_value, level_to, level_to_value, schedule, noise, seed, out):
     if sample.numel() == 0:
         return

@@ -44,10 +44,11 @@ import fastsearch  # noqa: E402
 from fastsearch.kernels import noise as _noise_kernels  # noqa: E402, F401 - imported before the env change below
 from fastsearch.kernels import score as _score_kernels  # noqa: E402, F401
 from fastsearch.kernels import select as _select_kernels  # noqa: E402, F401
+from fastsearch.kernels import select_large as _select_large_kernels  # noqa: E402, F401
 from fastsearch.kernels import steps as _steps_kernels  # noqa: E402, F401
 
 TARGET = GPUTarget("cuda", 90, 32)
-KERNEL_MODULES = ("noise", "score", "select", "steps")
+KERNEL_MODULES = ("noise", "score", "select", "select_large", "steps")
 _DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
            torch.int64: "i64", torch.int32: "i32", torch.int16: "i16", torch.int8: "i8", torch.uint8: "u8",
            torch.bool: "i1"}
@@ -219,6 +220,29 @@ def cases() -> dict[str, Callable[[], object]]:
         out[f"ensemble_scores {name}"] = lambda s=scores: [fastsearch.ensemble_scores(
             torch.stack([s, s * 2]), offsets=offsets, method=method, weights=[1.0, 0.5], **t)
             for method in ("rank", "zscore")]
+    # Groups past LARGE_GROUP take the tiled kernels (kernels/select_large.py): one specialisation for every
+    # size past it, so these sizes stand for all (tests/test_large_groups.py uses the same kernels).
+    large = _ragged([3000, 7, 2600])
+    large_total = int(large[-1])
+    for dtype in (torch.float32, torch.float64):
+        name = str(dtype).rsplit(".", 1)[-1]
+        scores = torch.randn(large_total, generator=g).to(dtype)
+        out[f"segmented_topk {name} large"] = lambda s=scores: [fastsearch.segmented_topk(
+            s, k, offsets=large, mask=torch.rand(large_total, generator=g) > 0.1, largest=largest, **t)
+            for k, largest in ((5, True), (1100, False))]
+    scores = torch.randn(large_total, generator=g)
+    out["beam_prune large"] = lambda: [fastsearch.beam_prune(
+        scores, 1030, offsets=large, finished=torch.rand(large_total, generator=g) > 0.8,
+        lengths=torch.randint(1, 50, (large_total,), generator=g), length_penalty=0.7,
+        dedup_keys=torch.randint(0, 3000, (large_total,), generator=g), refill_to=9, **t),
+        fastsearch.beam_prune(scores, 4, offsets=large, **t)]
+    for method in fastsearch.ops.particles.RESAMPLE_METHODS:
+        out[f"resample large {method}"] = lambda method=method: fastsearch.resample(
+            scores, 3000, offsets=large, method=method, seed=7, **t)
+    out["effective_sample_size large"] = lambda: fastsearch.effective_sample_size(scores, offsets=large, **t)
+    out["vote large"] = lambda: [fastsearch.vote(
+        torch.randint(0, 40, (large_total,), generator=g), scores, offsets=large, method=method,
+        mask=torch.rand(large_total, generator=g) > 0.2, **t) for method in ("majority", "weighted", "max")]
     tokens = torch.randint(0, 1000, (total,), generator=g)
     out["sequence_keys"] = lambda: [fastsearch.sequence_keys(tokens, offsets=offsets, **t),
                                     fastsearch.sequence_keys(tokens[:120].reshape(6, 20), **t)]

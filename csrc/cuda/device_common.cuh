@@ -11,6 +11,15 @@
 #include "common/philox.h"
 #include "cuda/launchers.h"
 
+// A runtime call (a memset, a query) that the launch after it depends on: when it fails the launcher returns
+// at once, launching nothing, and the error stays the thread's last error, which the binding's
+// C10_CUDA_KERNEL_LAUNCH_CHECK() (cudaGetLastError) raises (launchers.h). No torch header here, so no
+// C10_CUDA_CHECK.
+#define FASTSEARCH_CUDA_OR_RETURN(call)   \
+  do {                                    \
+    if ((call) != cudaSuccess) return;    \
+  } while (0)
+
 namespace fastsearch::gpu {
 
 __device__ __forceinline__ float to_float(float value) { return value; }

@@ -1,7 +1,8 @@
 // Host launchers of the CUDA kernels, as the torch bindings call them. Plain C++ (raw pointers, sizes,
 // a cudaStream_t) so that the .cu files that define them compile without any torch header.
 //
-// Every launcher enqueues its kernels on `stream` and returns; the caller checks cudaGetLastError().
+// Every launcher enqueues its kernels on `stream` and returns; the caller checks cudaGetLastError(), which
+// also reports a runtime call of the launcher that failed (a memset: the launcher then launches nothing).
 // Data pointers are contiguous arrays of `dtype`; any alignment is accepted (128-bit accesses are used
 // where the pointers allow them). Zero-size inputs launch nothing.
 #pragma once

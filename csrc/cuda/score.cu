@@ -26,6 +26,7 @@
 // block-wide mean, then a block-wide sum of squared deviations. Each thread owns the same members of its
 // group for every verifier, so it accumulates their weighted sum in the output without any barrier.
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -346,12 +347,27 @@ struct TeamShape {
 
 int64_t ceil_div(int64_t work, int64_t per_block) { return (work + per_block - 1) / per_block; }
 
+// SM counts of the devices seen so far (0: not read yet), so that a launch asks the driver once per device.
+// Launchers run on any host thread: each entry is an atomic, and two threads that race to fill one store the
+// same value.
+constexpr int kCachedDevices = 64;
+std::atomic<int> sm_counts[kCachedDevices];
+
+// SMs of the current device (the binding's CUDAGuard made the tensors' device current). cudaGetDevice reads
+// the runtime's per-thread current device (no driver call). A failed query leaves its error as the thread's
+// last error, which the binding's launch check raises, and sizes the grid for one SM meanwhile.
 int multiprocessors() {
   int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return 1;
+  const bool cached = device >= 0 && device < kCachedDevices;
+  if (cached) {
+    const int known = sm_counts[device].load(std::memory_order_relaxed);
+    if (known > 0) return known;
+  }
   int count = 0;
-  cudaGetDevice(&device);
-  cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device);
-  return std::max(count, 1);
+  if (cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || count < 1) return 1;
+  if (cached) sm_counts[device].store(count, std::memory_order_relaxed);
+  return count;
 }
 
 // `rows` rows of `units` packs; `threads_wanted` (prm_scores: one per candidate) asks for enough blocks to
@@ -456,14 +472,16 @@ __device__ __forceinline__ void count_step(const PrmProblem<T>& p, int64_t candi
   const Range steps = p.candidates.range(candidate);
   int last = 0;
   if (threadIdx.x % kWarpSize == 0) {
-    __threadfence();  // the step score is visible device-wide before it is counted
+    __threadfence();  // release: the step score is visible device-wide before it is counted
     const unsigned long long counted = atomicAdd(p.counters + candidate, 1ull) + 1;
     last = counted == static_cast<unsigned long long>(steps.size());
+    // Acquire, on the lane that saw the final count and before it tells the others: the step scores that the
+    // other teams released before their counts are visible from here on.
+    if (last) __threadfence();
   }
   last = __shfl_sync(kFullMask, last, 0);
   if (!last) return;
-  __syncwarp();
-  __threadfence();
+  __syncwarp();  // orders lane 0's acquire before the other lanes' reads below
   const float* scores = p.step_scores + steps.begin;
   const float score = warp_aggregate([scores](int64_t i) { return __ldcg(scores + i); }, steps.size(), p.how, p.empty);
   if (threadIdx.x % kWarpSize == 0) p.candidate_scores[candidate] = score;
@@ -772,7 +790,7 @@ void dispatch_score_type(ScoreType type, Body&& body) {
 
 void launch_prm_step_scores(const PrmInput& input, const PrmHead& head, float* step_scores, int64_t* status,
                             cudaStream_t stream) {
-  cudaMemsetAsync(status, 0, kStatusWords * sizeof(int64_t), stream);
+  FASTSEARCH_CUDA_OR_RETURN(cudaMemsetAsync(status, 0, kStatusWords * sizeof(int64_t), stream));
   if (input.steps == 0) return;
   dispatch_dtype(input.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
@@ -785,7 +803,8 @@ int64_t prm_scores_workspace_words(int64_t candidates) { return kStatusWords + c
 void launch_prm_scores(const PrmInput& input, const PrmHead& head, const int64_t* step_offsets, int64_t candidates,
                        Aggregation how, bool has_empty, float empty, float* candidate_scores, float* step_scores,
                        int64_t* workspace, cudaStream_t stream) {
-  cudaMemsetAsync(workspace, 0, prm_scores_workspace_words(candidates) * sizeof(int64_t), stream);
+  FASTSEARCH_CUDA_OR_RETURN(
+      cudaMemsetAsync(workspace, 0, prm_scores_workspace_words(candidates) * sizeof(int64_t), stream));
   dispatch_dtype(input.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     PrmProblem<T> p = prm_problem<T>(input, head, step_scores, workspace);
@@ -802,7 +821,9 @@ void launch_prm_scores(const PrmInput& input, const PrmHead& head, const int64_t
 void launch_aggregate_steps(ScoreType dtype, const void* step_scores, const int64_t* step_offsets, int64_t candidates,
                             int64_t steps_per_candidate, int64_t total_steps, Aggregation how, bool has_empty,
                             float empty, float* out, int64_t* status, cudaStream_t stream) {
-  if (status != nullptr) cudaMemsetAsync(status, 0, kStatusWords * sizeof(int64_t), stream);
+  if (status != nullptr) {
+    FASTSEARCH_CUDA_OR_RETURN(cudaMemsetAsync(status, 0, kStatusWords * sizeof(int64_t), stream));
+  }
   // Ragged offsets always have a first and a last value to record, even without candidates.
   const bool any = candidates > 0 || (status != nullptr && step_offsets != nullptr);
   if (!any) return;

@@ -532,6 +532,8 @@ __global__ void __launch_bounds__(kThreads, kSelectBlocksPerSm)
 
 // -- vote ----------------------------------------------------------------------------------------------
 
+// Votes compare and sum scores in fp32 on every backend, float64 ones rounded to fp32 first (csrc/README.md,
+// vote), unlike the top-k ops, which compare float64 in fp64.
 template <typename T>
 struct Voters {
   const int64_t* keys;
@@ -541,7 +543,7 @@ struct Voters {
 
   __device__ bool votes(int64_t flat) const {
     if (mask != nullptr && !mask[flat]) return false;
-    return mode == VoteMode::kMajority || !isnan(compared(scores[flat]));
+    return mode == VoteMode::kMajority || !isnan(as_fp32(scores[flat]));
   }
 };
 
@@ -600,7 +602,7 @@ struct VoteStorage {
     typename cub::BlockDiscontinuity<uint64_t, kThreads>::TempStorage runs;
     typename cub::BlockScan<RunTally, kThreads>::TempStorage tally;
     typename BlockAnswer::TempStorage answer;
-    typename BlockRanked<OrderKey<T>>::TempStorage best;
+    typename BlockRanked<uint32_t>::TempStorage best;
     typename BlockFirst::TempStorage first;
   };
   uint32_t broadcast;
@@ -678,12 +680,12 @@ __device__ Answer tally_scan(VoteStorage<T>& s, const Voters<T>& voters, int64_t
 // Max mode, any group size: the best single score (lower index on ties), then its answer's first voter.
 template <typename T>
 __device__ uint32_t best_single_vote(VoteStorage<T>& s, const Voters<T>& voters, int64_t begin, int64_t size) {
-  using Key = OrderKey<T>;
+  using Key = uint32_t;  // the order of the fp32 score, float64 included
   const auto earlier = [](const Ranked<Key>& a, const Ranked<Key>& b) { return precedes(a, b) ? a : b; };
   Ranked<Key> best{no_key<Key>(), kNoLocal};
   for (int64_t local = threadIdx.x; local < size; local += kThreads) {
     if (!voters.votes(begin + local)) continue;
-    const Ranked<Key> candidate{order_key(compared(voters.scores[begin + local]), true),
+    const Ranked<Key> candidate{order_key(as_fp32(voters.scores[begin + local]), true),
                                 static_cast<uint32_t>(local)};
     best = earlier(best, candidate);
   }
@@ -1017,7 +1019,7 @@ void launch_beam_prune(ScoreType dtype, const void* scores, GroupLayout layout, 
 void launch_resample(ScoreType dtype, const void* log_weights, GroupLayout layout, int64_t num_samples,
                      ResampleMethod method, uint64_t seed, int64_t* ancestors, int64_t* status, cudaStream_t stream) {
   // All ones: -1 read as int64, above every group index read as unsigned (the kernel keeps minima).
-  cudaMemsetAsync(status, 0xFF, 2 * sizeof(int64_t), stream);
+  FASTSEARCH_CUDA_OR_RETURN(cudaMemsetAsync(status, 0xFF, 2 * sizeof(int64_t), stream));
   if (layout.groups == 0) return;
   dispatch_score_type(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;

@@ -168,6 +168,9 @@ def vote(answer_keys: torch.Tensor, scores: torch.Tensor | None = None, *, offse
     reported as the index of the first candidate of the winning answer. Masked-out candidates (and
     NaN scores, for weighted and max) do not vote; a group with no voter gives -1.
 
+    Scores are read as fp32 on every backend: a float64 score is rounded to fp32 once, and compared and
+    summed in fp32 (csrc/README.md, vote), so float64 scores that differ only beyond fp32 precision tie.
+
     Args:
         answer_keys: int64 [G, C], flat [T] with ``offsets``, or [C] (one group) (e.g. :func:`sequence_keys`
             of answers).
