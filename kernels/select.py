@@ -351,6 +351,30 @@ def _voters(answer_keys_ptr, scores_ptr, mask_ptr, start, column, inside, HAS_MA
 
 
 @triton.jit
+def _answer_tallies(answer_keys_ptr, scores_ptr, mask_ptr, start, size, key, column, HAS_MASK: tl.constexpr,
+                    MODE: tl.constexpr, WIDTH: tl.constexpr, CHUNK: tl.constexpr):
+    """For each of the [WIDTH] candidates ``key`` at ``column``, over the group's voters of its answer: the
+    count and how many come at or before it (MODE 0, majority), or the score sum (MODE 1, weighted; members of
+    one answer get bitwise equal sums). ``(tally, reached)``; ``reached`` is 0 in weighted mode."""
+    if MODE == 0:
+        tally = tl.zeros([WIDTH], tl.int32)
+    else:
+        tally = tl.zeros([WIDTH], tl.float32)
+    reached = tl.zeros([WIDTH], tl.int32)
+    for first in range(0, size, CHUNK):
+        other = first + tl.arange(0, CHUNK)
+        other_key, other_score, other_voter = _voters(answer_keys_ptr, scores_ptr, mask_ptr, start, other,
+                                                      other < size, HAS_MASK, MODE)
+        same = (other_key[None, :] == key[:, None]) & other_voter[None, :]
+        if MODE == 0:
+            tally += tl.sum(same.to(tl.int32), 1)
+            reached += tl.sum((same & (other[None, :] <= column[:, None])).to(tl.int32), 1)
+        else:
+            tally += tl.sum(tl.where(same, other_score[None, :], 0.0), 1)
+    return tally, reached
+
+
+@triton.jit
 def _vote_kernel(answer_keys_ptr, scores_ptr, offsets_ptr, mask_ptr, winners_ptr, group_size, total,
                  MODE: tl.constexpr, RAGGED: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr,
                  CHUNK: tl.constexpr):
@@ -362,23 +386,8 @@ def _vote_kernel(answer_keys_ptr, scores_ptr, offsets_ptr, mask_ptr, winners_ptr
         best = tl.max(tl.where(voter, score, float("-inf")))
         winner = tl.min(tl.where(voter & (score == best), column, BLOCK))
     else:
-        # Per voter, over the voters of its answer: the count and how many come at or before it
-        # (majority), or the score sum (weighted). Members of one answer get bitwise equal sums.
-        if MODE == 0:
-            tally = tl.zeros([BLOCK], tl.int32)
-        else:
-            tally = tl.zeros([BLOCK], tl.float32)
-        reached = tl.zeros([BLOCK], tl.int32)
-        for first in range(0, size, CHUNK):
-            other = first + tl.arange(0, CHUNK)
-            other_key, other_score, other_voter = _voters(answer_keys_ptr, scores_ptr, mask_ptr, start, other,
-                                                          other < size, HAS_MASK, MODE)
-            same = (other_key[None, :] == key[:, None]) & other_voter[None, :]
-            if MODE == 0:
-                tally += tl.sum(same.to(tl.int32), 1)
-                reached += tl.sum((same & (other[None, :] <= column[:, None])).to(tl.int32), 1)
-            else:
-                tally += tl.sum(tl.where(same, other_score[None, :], 0.0), 1)
+        tally, reached = _answer_tallies(answer_keys_ptr, scores_ptr, mask_ptr, start, size, key, column, HAS_MASK,
+                                         MODE, BLOCK, CHUNK)
         if MODE == 0:
             # The answer whose count reaches the top count at the earliest candidate.
             best = tl.max(tl.where(voter, tally, -1))

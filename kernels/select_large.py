@@ -33,6 +33,7 @@ from .select import (
     _UNSELECTABLE,
     GPU_PAIR_TILE_PER_WARP,
     INTERPRETER_PAIR_TILE,
+    _answer_tallies,
     _beam_candidates,
     _group_bounds,
     _order_key,
@@ -271,21 +272,8 @@ def _vote_tiles_kernel(answer_keys_ptr, scores_ptr, offsets_ptr, mask_ptr, winne
             best_score = tl.where(take, tile_best, best_score)
             winner = tl.where(take, tile_winner, winner)
         else:
-            if MODE == 0:
-                tally = tl.zeros([TILE], tl.int32)
-            else:
-                tally = tl.zeros([TILE], tl.float32)
-            reached = tl.zeros([TILE], tl.int32)
-            for other_first in range(0, size, CHUNK):
-                other = other_first + tl.arange(0, CHUNK)
-                other_key, other_score, other_voter = _voters(answer_keys_ptr, scores_ptr, mask_ptr, start, other,
-                                                              other < size, HAS_MASK, MODE)
-                same = (other_key[None, :] == key[:, None]) & other_voter[None, :]
-                if MODE == 0:
-                    tally += tl.sum(same.to(tl.int32), 1)
-                    reached += tl.sum((same & (other[None, :] <= column[:, None])).to(tl.int32), 1)
-                else:
-                    tally += tl.sum(tl.where(same, other_score[None, :], 0.0), 1)
+            tally, reached = _answer_tallies(answer_keys_ptr, scores_ptr, mask_ptr, start, size, key, column,
+                                             HAS_MASK, MODE, TILE, CHUNK)
             if MODE == 0:
                 # The answer whose count reaches the top count at the earliest candidate: a tile's top count
                 # is a full count, but the voter where it is reached may come in a later tile.
