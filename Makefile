@@ -142,13 +142,15 @@ bench: install
 gpu-check:
 	$(PYTHON) .ci/gpu_check.py
 
-# Deeper runs: the property tests with the fuzz profile (1500 examples per test and backend, about 2 minutes
-# each here; `make test` runs 25), then tests/fuzz_outcomes.py: FUZZ_CASES hostile and valid calls per op on
+# Deeper runs: the property tests with the fuzz profile (FUZZ_EXAMPLES per test and backend, about 2 minutes each
+# here at 1500; `make test` runs 25), then tests/fuzz_outcomes.py: FUZZ_CASES hostile and valid calls per op on
 # every backend, each backend in its own process, counted by outcome (agrees, clear error, unclear, crash,
 # silent wrong); the cases that are neither of the first two are listed and left in fuzz-output/report.json.
 FUZZ_CASES ?= 200
+FUZZ_EXAMPLES ?= 1500
 fuzz: install
-	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -q tests/test_properties.py tests/test_properties_steps.py \
+	HYPOTHESIS_PROFILE=fuzz FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q tests/test_properties.py \
+		tests/test_properties_steps.py \
 		tests/test_properties_scores.py
 	mkdir -p fuzz-output
 	$(PY) tests/fuzz_outcomes.py --cases-per-op $(FUZZ_CASES) --report fuzz-output/report.json
