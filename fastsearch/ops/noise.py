@@ -211,6 +211,10 @@ def randn(shape, *, seed: int, offset: int = 0, device=None, dtype: torch.dtype 
 
 def _shape_arg(shape) -> tuple[tuple[int, ...], int]:
     """randn's shape as a tuple of ints (an int is a 1-d shape; ``()`` a 0-d tensor), and its element count."""
+    if isinstance(shape, torch.Tensor) and shape.dim() == 0:
+        if shape.is_floating_point() or shape.is_complex() or shape.dtype == torch.bool:
+            raise TypeError(f"shape must be an int or a sequence of ints, got a 0-d {shape.dtype} tensor")
+        shape = int(shape)
     if isinstance(shape, int) and not isinstance(shape, bool):
         shape = (shape,)
     if isinstance(shape, str | bytes) or not hasattr(shape, "__iter__"):

@@ -101,7 +101,9 @@ def _cosine_scores_reference(embeddings, references, offsets):
         owner = torch.repeat_interleave(torch.arange(refs.shape[0], device=rows.device), offsets[1:] - offsets[:-1])
         refs = refs.index_select(0, owner)
     dot = (rows * refs).sum(-1)
-    norms = rows.norm(dim=-1).clamp(min=NORM_EPS) * refs.norm(dim=-1).clamp(min=NORM_EPS)
+    # the contract's fp32 sums of squares (not torch's overflow-safe norm): a component past ~1.8e19 overflows
+    # its sum to +inf on every backend alike
+    norms = (rows * rows).sum(-1).sqrt().clamp(min=NORM_EPS) * (refs * refs).sum(-1).sqrt().clamp(min=NORM_EPS)
     return (dot / norms).contiguous()
 
 
@@ -390,6 +392,16 @@ def _head_args(step_positions, head_weight, head_bias) -> None:
     optional_tensor_arg("head_bias", head_bias)
 
 
+def _positive_index(value, head_weight: torch.Tensor) -> int:
+    """``positive_index`` as an int in [0, C) (C = head_weight's rows), checked before any backend: an int past
+    int64 would otherwise reach the C++ schema as an unnamed conversion error."""
+    value = int_arg("positive_index", value)
+    rows = head_weight.shape[0] if head_weight.dim() >= 1 else 0
+    if not 0 <= value < rows:
+        raise ValueError(f"positive_index must be in [0, C={rows}), got {value}")
+    return value
+
+
 def _empty_arg(empty) -> float | None:
     if empty is None:
         return None
@@ -432,7 +444,7 @@ def prm_step_scores(hidden_states: torch.Tensor, step_positions: torch.Tensor, h
     hidden_states = _tokens("hidden_states", hidden_states)
     _head_args(step_positions, head_weight, head_bias)
     return PRM_STEP_SCORES.run(backend, hidden_states.device, hidden_states, step_positions, head_weight, head_bias,
-                               int_arg("positive_index", positive_index),
+                               _positive_index(positive_index, head_weight),
                                method_code("activation", activation, ACTIVATIONS))
 
 
@@ -502,7 +514,7 @@ def prm_scores(hidden_states: torch.Tensor, step_positions: torch.Tensor, head_w
         num_steps = tensor_arg("step_positions", step_positions).numel()
         offsets = torch.tensor([0, num_steps], device=hidden_states.device)
     scores, step_scores = PRM_SCORES.run(backend, hidden_states.device, hidden_states, step_positions, offsets,
-                                         head_weight, head_bias, int_arg("positive_index", positive_index),
+                                         head_weight, head_bias, _positive_index(positive_index, head_weight),
                                          method_code("activation", activation, ACTIVATIONS),
                                          method_code("method", method, AGGREGATIONS), _empty_arg(empty))
     return tuple.__new__(PRMScores, (scores.squeeze(0) if one_candidate else scores, step_scores))
