@@ -36,11 +36,14 @@ def check_optional_int(name: str, value, minimum: int | None = 1) -> int | None:
 def check_float(name: str, value, *, low: float | None = None, high: float | None = None,
                 low_open: bool = False, high_open: bool = False, finite: bool = True) -> float:
     """A real number (int, float, 0-d tensor; never a bool or NaN) within the given bounds."""
-    if isinstance(value, torch.Tensor) and value.dim() == 0 and value.dtype != torch.bool:
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-    value = float(value)
+    if type(value) is float or type(value) is int:  # the common case, without the ABC check below (bool is not)
+        value = float(value)
+    else:
+        if isinstance(value, torch.Tensor) and value.dim() == 0 and value.dtype != torch.bool:
+            value = value.item()
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+        value = float(value)
     if math.isnan(value) or (finite and math.isinf(value)):
         raise ValueError(f"{name} must be a finite number, got {value}")
     if low is not None and (value <= low if low_open else value < low):
