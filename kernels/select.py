@@ -181,6 +181,29 @@ def _beam_candidates(scores_ptr, finished_ptr, lengths_ptr, start, column, insid
 
 
 @triton.jit
+def _beaten_by_key(scores_ptr, finished_ptr, lengths_ptr, dedup_keys_ptr, start, size, column, inside, adjusted,
+                   length_penalty, negative_length_sign, HAS_FINISHED: tl.constexpr, PENALISED: tl.constexpr,
+                   WIDTH: tl.constexpr, CHUNK: tl.constexpr):
+    """[WIDTH] int32: for each candidate at ``column`` (adjusted score ``adjusted``), how many selectable
+    candidates of the group share its dedup key and beat it (score higher, or as high and earlier). A candidate
+    is a duplicate to drop where this is not 0."""
+    key = tl.load(dedup_keys_ptr + start + column, mask=inside, other=0)
+    beaten = tl.zeros([WIDTH], tl.int32)
+    for first in range(0, size, CHUNK):
+        other = first + tl.arange(0, CHUNK)
+        other_inside = other < size
+        other_adjusted, other_selectable = _beam_candidates(
+            scores_ptr, finished_ptr, lengths_ptr, start, other, other_inside, length_penalty,
+            negative_length_sign, HAS_FINISHED, PENALISED)
+        other_key = tl.load(dedup_keys_ptr + start + other, mask=other_inside, other=0)
+        beats = (other_adjusted[None, :] > adjusted[:, None]) | (
+            (other_adjusted[None, :] == adjusted[:, None]) & (other[None, :] < column[:, None]))
+        beats &= other_selectable[None, :] & (other_key[None, :] == key[:, None])
+        beaten += tl.sum(beats.to(tl.int32), 1)
+    return beaten
+
+
+@triton.jit
 def _beam_prune_kernel(scores_ptr, offsets_ptr, finished_ptr, lengths_ptr, dedup_keys_ptr,
                        indices_ptr, values_ptr, counts_ptr, parents_ptr,
                        length_penalty, negative_length_sign, group_size, total, k, refill_to,
@@ -192,21 +215,9 @@ def _beam_prune_kernel(scores_ptr, offsets_ptr, finished_ptr, lengths_ptr, dedup
     adjusted, selectable = _beam_candidates(scores_ptr, finished_ptr, lengths_ptr, start, column, inside,
                                             length_penalty, negative_length_sign, HAS_FINISHED, PENALISED)
     if DEDUP:
-        # A candidate is dropped when a selectable one of its key scores higher, or as high and earlier.
-        key = tl.load(dedup_keys_ptr + start + column, mask=inside, other=0)
-        beaten = tl.zeros([BLOCK], tl.int32)
-        for first in range(0, size, CHUNK):
-            other = first + tl.arange(0, CHUNK)
-            other_inside = other < size
-            other_adjusted, other_selectable = _beam_candidates(
-                scores_ptr, finished_ptr, lengths_ptr, start, other, other_inside, length_penalty,
-                negative_length_sign, HAS_FINISHED, PENALISED)
-            other_key = tl.load(dedup_keys_ptr + start + other, mask=other_inside, other=0)
-            beats = (other_adjusted[None, :] > adjusted[:, None]) | (
-                (other_adjusted[None, :] == adjusted[:, None]) & (other[None, :] < column[:, None]))
-            beats &= other_selectable[None, :] & (other_key[None, :] == key[:, None])
-            beaten += tl.sum(beats.to(tl.int32), 1)
-        selectable &= beaten == 0
+        selectable &= _beaten_by_key(scores_ptr, finished_ptr, lengths_ptr, dedup_keys_ptr, start, size, column,
+                                     inside, adjusted, length_penalty, negative_length_sign, HAS_FINISHED, PENALISED,
+                                     BLOCK, CHUNK) == 0
     order = _sort_best_first(tl.where(selectable, _order_key(adjusted), _UNSELECTABLE), LOG_BLOCK)
 
     count = tl.minimum(tl.sum(selectable.to(tl.int32)), k)

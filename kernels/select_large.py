@@ -35,6 +35,7 @@ from .select import (
     INTERPRETER_PAIR_TILE,
     _answer_tallies,
     _beam_candidates,
+    _beaten_by_key,
     _group_bounds,
     _order_key,
     _sort_pairs,
@@ -182,19 +183,8 @@ def _beam_dedup_pass(scores_ptr, finished_ptr, lengths_ptr, dedup_keys_ptr, kept
         inside = column < size
         adjusted, selectable = _beam_candidates(scores_ptr, finished_ptr, lengths_ptr, start, column, inside,
                                                 length_penalty, negative_length_sign, HAS_FINISHED, PENALISED)
-        key = tl.load(dedup_keys_ptr + start + column, mask=inside, other=0)
-        beaten = tl.zeros([TILE], tl.int32)
-        for other_first in range(0, size, CHUNK):
-            other = other_first + tl.arange(0, CHUNK)
-            other_inside = other < size
-            other_adjusted, other_selectable = _beam_candidates(
-                scores_ptr, finished_ptr, lengths_ptr, start, other, other_inside, length_penalty,
-                negative_length_sign, HAS_FINISHED, PENALISED)
-            other_key = tl.load(dedup_keys_ptr + start + other, mask=other_inside, other=0)
-            beats = (other_adjusted[None, :] > adjusted[:, None]) | (
-                (other_adjusted[None, :] == adjusted[:, None]) & (other[None, :] < column[:, None]))
-            beats &= other_selectable[None, :] & (other_key[None, :] == key[:, None])
-            beaten += tl.sum(beats.to(tl.int32), 1)
+        beaten = _beaten_by_key(scores_ptr, finished_ptr, lengths_ptr, dedup_keys_ptr, start, size, column, inside,
+                                adjusted, length_penalty, negative_length_sign, HAS_FINISHED, PENALISED, TILE, CHUNK)
         tl.store(kept_ptr + start + column, (selectable & (beaten == 0)).to(tl.int8), mask=inside)
 
 

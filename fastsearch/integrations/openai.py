@@ -70,9 +70,9 @@ import weakref
 from collections.abc import Sequence
 from urllib.parse import urlsplit
 
-from fastsearch.checks import check_choice, check_float, check_int, check_texts
-from fastsearch.search.types import Completion
-from fastsearch.seeding import check_seed, derive_seed
+from fastsearch.checks import check_choice, check_float, check_int
+from fastsearch.search.types import Completion, check_generate_args
+from fastsearch.seeding import derive_seed
 
 SERVER_KINDS = ("auto", "vllm", "sglang", "transformers", "openai")
 _PROMPT_PREFIX = 60  # characters of a prompt an error message quotes
@@ -340,12 +340,8 @@ class OpenAIGenerator:
     # ----- one step, on the generator's loop -----
 
     async def _generate(self, prompts, *, n, stop, temperature, max_tokens, seed) -> list[list[Completion]]:
-        prompts = check_texts("prompts", prompts, allow_empty=True)
-        n = check_int("n", n)
-        max_tokens = check_int("max_tokens", max_tokens)
-        temperature = check_float("temperature", temperature, low=0.0)
-        stop = [] if stop is None else check_texts("stop", stop, allow_empty=True)
-        seed = None if seed is None else check_seed(seed)
+        prompts, n, stop, temperature, max_tokens, seed = check_generate_args(prompts, n, stop, temperature,
+                                                                              max_tokens, seed)
         if not prompts:
             return []
         if self._kind is None:

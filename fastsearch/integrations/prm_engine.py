@@ -25,8 +25,9 @@ from collections.abc import Sequence
 
 import torch
 
-from fastsearch.checks import check_choice, check_int, check_texts
+from fastsearch.checks import check_choice, check_int
 from fastsearch.ops.score import AGGREGATIONS, aggregate_steps, prm_scores
+from fastsearch.search.types import check_step_lists
 
 
 def model_device(model) -> torch.device:
@@ -176,14 +177,7 @@ class SegmentPRM:
     # -- tokenization ---------------------------------------------------------------------------------
 
     def _check(self, problems, step_lists):
-        problems = check_texts("problems", problems, allow_empty=True)
-        if isinstance(step_lists, str) or not isinstance(step_lists, Sequence):
-            raise TypeError(f"step_lists must be a sequence of step lists, got {type(step_lists).__name__}")
-        if len(problems) != len(step_lists):
-            raise ValueError(f"problems has {len(problems)} entries but step_lists has {len(step_lists)}: one "
-                             "problem per candidate")
-        return problems, [tuple(check_texts(f"step_lists[{i}]", steps, allow_empty=True))
-                          for i, steps in enumerate(step_lists)]
+        return check_step_lists(problems, step_lists)
 
     def _encode(self, texts: list[str]) -> list[list[int]]:
         if not texts:

@@ -22,11 +22,11 @@ from collections.abc import Sequence
 
 import torch
 
-from fastsearch.checks import check_float, check_int, check_texts
+from fastsearch.checks import check_int
 from fastsearch.integrations.prm_engine import SegmentPRM
 from fastsearch.integrations.prm_engine import model_device as _model_device
 from fastsearch.search import CompletionBatch
-from fastsearch.seeding import check_seed
+from fastsearch.search.types import check_generate_args
 
 
 def single_token(tokenizer, name: str, text: str) -> int:
@@ -127,12 +127,8 @@ class HFGenerator:
             a :class:`fastsearch.search.CompletionBatch`: for each of the P prompts, n completions
             (``batch[p]`` is prompt p's list of :class:`fastsearch.search.Completion`).
         """
-        prompts = check_texts("prompts", prompts, allow_empty=True)
-        n = check_int("n", n)
-        max_tokens = check_int("max_tokens", max_tokens)
-        temperature = check_float("temperature", temperature, low=0.0)
-        stop = [] if stop is None else check_texts("stop", stop, allow_empty=True)
-        seed = None if seed is None else check_seed(seed)
+        prompts, n, stop, temperature, max_tokens, seed = check_generate_args(prompts, n, stop, temperature,
+                                                                              max_tokens, seed)
         per_call = max(1, self.batch_size // n)
         devices = [_model_device(self.model)] if _model_device(self.model).type == "cuda" else []
         samples = []

@@ -29,9 +29,10 @@ from collections.abc import Sequence
 
 import torch
 
-from fastsearch.checks import check_float, check_int, check_texts
+from fastsearch.checks import check_int
 from fastsearch.search import Completion
-from fastsearch.seeding import check_seed, derive_seed
+from fastsearch.search.types import check_generate_args, check_step_lists
+from fastsearch.seeding import derive_seed
 
 QWEN_PRM_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 QWEN_PRM_SEPARATOR = "<extra_0>"
@@ -117,14 +118,8 @@ class VLLMGenerator:
         Returns:
             P lists of n :class:`fastsearch.search.Completion`.
         """
-        prompts = check_texts("prompts", prompts, allow_empty=True)
-        n = check_int("n", n)
-        max_tokens = check_int("max_tokens", max_tokens)
-        temperature = check_float("temperature", temperature, low=0.0)
-        stop = [] if stop is None else check_texts("stop", stop, allow_empty=True)
-        if any(not text for text in stop):
-            raise ValueError("stop strings must be non-empty, got ''")
-        seed = None if seed is None else check_seed(seed)
+        prompts, n, stop, temperature, max_tokens, seed = check_generate_args(prompts, n, stop, temperature,
+                                                                              max_tokens, seed)
         if not prompts:
             return []
         params = self.sampling_params(len(prompts), n=n, stop=stop, temperature=temperature, max_tokens=max_tokens,
@@ -235,14 +230,7 @@ class VLLMProcessRewardModel:
             ``(step_scores [S] float32, offsets [N + 1] int64)`` on the CPU, S the total number of steps;
             candidate i owns ``step_scores[offsets[i]:offsets[i + 1]]``.
         """
-        problems = check_texts("problems", problems, allow_empty=True)
-        if isinstance(step_lists, str) or not isinstance(step_lists, Sequence):
-            raise TypeError(f"step_lists must be a sequence of step lists, got {type(step_lists).__name__}")
-        if len(problems) != len(step_lists):
-            raise ValueError(f"problems has {len(problems)} entries but step_lists has {len(step_lists)}: one "
-                             "problem per candidate")
-        step_lists = [check_texts(f"step_lists[{index}]", steps, allow_empty=True)
-                      for index, steps in enumerate(step_lists)]
+        problems, step_lists = check_step_lists(problems, step_lists)
         counts = [len(steps) for steps in step_lists]
         offsets = torch.tensor([0] + counts, dtype=torch.int64).cumsum(0)
         scored = [index for index, count in enumerate(counts) if count]

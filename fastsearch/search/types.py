@@ -19,6 +19,9 @@ from typing import NamedTuple, Protocol
 import numpy as np
 import torch
 
+from fastsearch.checks import check_float, check_int, check_texts
+from fastsearch.seeding import check_seed
+
 VOTES = ("none", "majority", "weighted")
 
 
@@ -97,6 +100,42 @@ class CompletionBatch(Sequence):
 
     def __repr__(self) -> str:
         return f"CompletionBatch(prompts={len(self)}, n={self.n})"
+
+
+class GenerateArgs(NamedTuple):
+    """The arguments of one ``Generator.generate`` call, checked (:func:`check_generate_args`)."""
+
+    prompts: list[str]
+    n: int
+    stop: list[str]
+    temperature: float
+    max_tokens: int
+    seed: int | None
+
+
+def check_generate_args(prompts, n, stop, temperature, max_tokens, seed) -> GenerateArgs:
+    """What every generator checks first: P prompt texts, ``n`` >= 1, stop strings (None: none; each non-empty),
+    ``temperature`` >= 0, ``max_tokens`` >= 1, a seed in [0, 2**63) or None. TypeError / ValueError naming
+    the argument."""
+    stop = [] if stop is None else check_texts("stop", stop, allow_empty=True)
+    if any(not text for text in stop):
+        raise ValueError("stop strings must be non-empty, got ''")
+    return GenerateArgs(check_texts("prompts", prompts, allow_empty=True), check_int("n", n), stop,
+                        check_float("temperature", temperature, low=0.0), check_int("max_tokens", max_tokens),
+                        None if seed is None else check_seed(seed))
+
+
+def check_step_lists(problems, step_lists) -> tuple[list[str], list[tuple[str, ...]]]:
+    """What every step verifier checks first: one problem text per candidate and, per candidate, a sequence of
+    step texts. ``(problems, step tuples)``; TypeError / ValueError naming the argument."""
+    problems = check_texts("problems", problems, allow_empty=True)
+    if isinstance(step_lists, str) or not isinstance(step_lists, Sequence):
+        raise TypeError(f"step_lists must be a sequence of step lists, got {type(step_lists).__name__}")
+    if len(problems) != len(step_lists):
+        raise ValueError(f"problems has {len(problems)} entries but step_lists has {len(step_lists)}: one "
+                         "problem per candidate")
+    return problems, [tuple(check_texts(f"step_lists[{index}]", steps, allow_empty=True))
+                      for index, steps in enumerate(step_lists)]
 
 
 class Generator(Protocol):
