@@ -112,9 +112,9 @@ def search_entry(plan_fn: Callable[..., Plan[Any]]) -> Callable[..., Any]:
 
     @functools.wraps(plan_fn)
     def search(*args, **kwargs):
-        arguments = signature.bind(*args, **kwargs)
-        arguments.apply_defaults()
-        if arguments.arguments.get("group") is not None:
+        if kwargs.get("group") is not None:  # keyword-only in every search: no binding without it
+            arguments = signature.bind(*args, **kwargs)
+            arguments.apply_defaults()
             return on_problem_shards(search, arguments.arguments)
         return drive(plan_fn(*args, **kwargs))
 
