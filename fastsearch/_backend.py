@@ -41,6 +41,18 @@ _native_kernels: frozenset[tuple[str, str]] = frozenset()
 # yet) prefer the CUDA C++ kernels, then Triton.
 AUTO_CUDA_PREFERENCE: dict[str, str] = {}
 
+# The CUDA kernels compiled for the host on an emulation of the CUDA execution model (tests/cuda_emu, a test
+# tool, not a backend): the test suite sets this to the ``torch.ops`` namespace that tool registers, and
+# ``backend="cuda"`` on CPU tensors then runs the emulated kernels (``resolve`` answers "cuda_emulated").
+# The library itself never sets it.
+_cuda_emulation = None
+
+
+def emulated(op: torch._ops.OpOverload) -> torch._ops.OpOverload:
+    """The emulated CUDA kernel of a ``fastsearch`` op overload (only while the test tool is loaded)."""
+    name = op._schema.name.split("::", 1)[1]
+    return getattr(getattr(_cuda_emulation, name), op._overloadname)
+
 
 def load_extension() -> None:
     """Import ``fastsearch._C`` and one CPU kernel module once; on failure remember why and say so once."""
@@ -239,6 +251,8 @@ def resolve(backend: str, device: torch.device, op: str) -> str:
     if backend == "cpu":
         ok = device_type == "cpu" and _has_kernel(op, "CPU")
     elif backend == "cuda":
+        if device_type == "cpu" and _cuda_emulation is not None:
+            return "cuda_emulated"
         ok = device_type == "cuda" and has_cuda() and _has_kernel(op, "CUDA")
     elif backend == "triton":
         ok = has_triton(device_type)

@@ -45,9 +45,10 @@ class Op:
         except ValueError:
             check_readable(self.tensor_args, args, device)
             raise
-        if which == "cpu" or which == "cuda":
+        if which == "cpu" or which == "cuda" or which == "cuda_emulated":
+            kernel = self.native if which != "cuda_emulated" else _backend.emulated(self.native)
             try:
-                return self.native(*args)
+                return kernel(*args)
             except RuntimeError:  # the dispatcher's own message for a non-tensor argument names no rule
                 check_readable(self.tensor_args, args, device)
                 raise

@@ -288,9 +288,10 @@ class _OutOp:
         except ValueError:
             self.check_readable(device, args, outs)
             raise
-        if which == "cpu" or which == "cuda":
+        if which == "cpu" or which == "cuda" or which == "cuda_emulated":
+            kernel = self.native if which != "cuda_emulated" else _backend.emulated(self.native)
             try:
-                self.native(*args, **dict(zip(self.out_names, outs, strict=True)))
+                kernel(*args, **dict(zip(self.out_names, outs, strict=True)))
             except RuntimeError:  # the dispatcher's own message for a non-tensor argument names no rule
                 self.check_readable(device, args, outs)
                 raise

@@ -1,0 +1,3 @@
+// CUDA emulation: see fs_cuda_emu/cub.h.
+#pragma once
+#include "fs_cuda_emu/cub.h"
