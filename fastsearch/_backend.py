@@ -48,10 +48,11 @@ AUTO_CUDA_PREFERENCE: dict[str, str] = {}
 _cuda_emulation = None
 
 
-def emulated(op: torch._ops.OpOverload) -> torch._ops.OpOverload:
-    """The emulated CUDA kernel of a ``fastsearch`` op overload (only while the test tool is loaded)."""
-    name = op._schema.name.split("::", 1)[1]
-    return getattr(getattr(_cuda_emulation, name), op._overloadname)
+def emulated(name: str) -> torch._ops.OpOverload:
+    """The emulated CUDA kernel of the op overload ``name`` ("ddim_step", "ddim_step.out"), while the test tool
+    is loaded."""
+    base, _, overload = name.partition(".")
+    return getattr(getattr(_cuda_emulation, base), overload or "default")
 
 
 def load_extension() -> None:

@@ -19,6 +19,17 @@ def _installed(name: str) -> bool:
     return spec is not None and spec.origin is not None
 
 
+# The CUDA kernels run here too: compiled for the host against an emulation of the CUDA execution model
+# (tests/cuda_emu), they take the "cuda" backend's place on CPU tensors (helpers.backends_for). Built on first
+# use (about half a minute), cached under build/cuda_emu. FASTSEARCH_CUDA_EMU=0 leaves them out.
+if os.environ.get("FASTSEARCH_CUDA_EMU", "1") != "0":
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "cuda_emu"))
+    import emulation
+
+    emulation.load()
+
 collect_ignore_glob = [f"{name}/*" for name in ("vllm", "ray") if not _installed(name)]
 
 

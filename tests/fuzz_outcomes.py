@@ -178,6 +178,24 @@ def _summary(result):
     return tuple(None if part is None else part.detach().cpu() for part in result)  # None: an output left out
 
 
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _load_cuda_emulation() -> None:
+    """tests/cuda_emu: the CUDA kernels compiled for the host (once per process; FASTSEARCH_CUDA_EMU=0: never)."""
+    from fastsearch import _backend
+
+    if _backend._cuda_emulation is not None or os.environ.get("FASTSEARCH_CUDA_EMU", "1") == "0":
+        return
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_emu"))
+    import emulation
+
+    emulation.load()
+
+
 def _worker(conn, seed: int) -> None:
     os.environ.setdefault("TRITON_INTERPRET", "1")
     import warnings
@@ -188,6 +206,8 @@ def _worker(conn, seed: int) -> None:
         if message is None:
             return
         op, index, backend = message
+        if backend == "cuda" and not _has_gpu():
+            _load_cuda_emulation()  # the CUDA kernels on CPU tensors, as in the test suite
         try:
             function, kwargs, _, _ = make_case(op, index, seed)
             result = ("ok", _summary(function(**kwargs, backend=backend)))
@@ -300,6 +320,8 @@ def main(argv=None) -> int:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from helpers import backends_for
 
+    if not _has_gpu():
+        _load_cuda_emulation()
     ops = [op for op in (args.ops.split(",") if args.ops else OPS)]
     backends = backends_for("cpu")
     workers = {backend: Worker(args.seed) for backend in backends}

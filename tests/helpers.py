@@ -14,6 +14,8 @@ def backends_for(device: str) -> list[str]:
     names = ["torch"]
     if device == "cpu" and _backend.has_cpu():
         names.append("cpu")
+    if device == "cpu" and _backend._cuda_emulation is not None:
+        names.append("cuda")  # the CUDA kernels on the host emulation of tests/cuda_emu (conftest loads it)
     if device == "cuda" and _backend.has_cuda():
         names.append("cuda")
     if _backend.has_triton(device):

@@ -46,7 +46,7 @@ class Op:
             check_readable(self.tensor_args, args, device)
             raise
         if which == "cpu" or which == "cuda" or which == "cuda_emulated":
-            kernel = self.native if which != "cuda_emulated" else _backend.emulated(self.native)
+            kernel = self.native if which != "cuda_emulated" else _backend.emulated(self.name)
             try:
                 return kernel(*args)
             except RuntimeError:  # the dispatcher's own message for a non-tensor argument names no rule

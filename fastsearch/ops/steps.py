@@ -289,7 +289,7 @@ class _OutOp:
             self.check_readable(device, args, outs)
             raise
         if which == "cpu" or which == "cuda" or which == "cuda_emulated":
-            kernel = self.native if which != "cuda_emulated" else _backend.emulated(self.native)
+            kernel = self.native if which != "cuda_emulated" else _backend.emulated(self.name)
             try:
                 kernel(*args, **dict(zip(self.out_names, outs, strict=True)))
             except RuntimeError:  # the dispatcher's own message for a non-tensor argument names no rule

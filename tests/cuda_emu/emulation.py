@@ -5,13 +5,14 @@ with the host compiler against the emulation headers, together with the unchange
 (``csrc/cuda/*_binding.cpp``) and the scheduler (``src/runtime.cpp``), into one library that registers every
 CUDA op as ``fastsearch_cuda_emu::<op>`` for CPU tensors; it then points ``fastsearch._backend`` at it, so
 that ``backend="cuda"`` on CPU tensors runs the emulated kernels. The build is cached under
-``build/cuda_emu`` (ninja rebuilds what changed).
+``build/cuda_emu`` (ninja rebuilds what changed), or where ``FASTSEARCH_CUDA_EMU_BUILD`` says.
 
 Run as a script to build only: ``python tests/cuda_emu/emulation.py``.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import sys
@@ -20,7 +21,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 CSRC = ROOT / "csrc"
-BUILD = ROOT / "build" / "cuda_emu"
+BUILD = Path(os.environ.get("FASTSEARCH_CUDA_EMU_BUILD", ROOT / "build" / "cuda_emu"))
 NAMESPACE = "fastsearch_cuda_emu"
 
 _SHARED_LINE = re.compile(r"__shared__\s+(?P<type>[^;{}=]+?)\s+(?P<name>\w+)\s*(?P<dims>(?:\[[^\]]*\]\s*)*);")
@@ -124,16 +125,26 @@ def rewrite_shared(text: str, file_id: int) -> str:
     return text
 
 
+def strip_comments(text: str) -> str:
+    """Comments removed (line breaks kept), so that the rewriting sees code only."""
+    text = re.sub(r"/\*.*?\*/", lambda match: "\n" * match[0].count("\n"), text, flags=re.S)
+    return re.sub(r"//[^\n]*", "", text)
+
+
 def rewrite(text: str, file_id: int) -> str:
-    return rewrite_shared(rewrite_launches(text), file_id)
+    return rewrite_shared(rewrite_launches(strip_comments(text)), file_id)
 
 
 def sources() -> list[Path]:
-    """The rewritten .cu files (written to BUILD/src when they change), the bindings and the scheduler."""
+    """The rewritten .cu files (written to BUILD/src when they change), the bindings and the scheduler.
+
+    Besides csrc/cuda/*.cu: src/defects.cu, the emulation's own test kernels (``fs_emu_defects::run``).
+    """
     out_dir = BUILD / "src"
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for file_id, source in enumerate(sorted((CSRC / "cuda").glob("*.cu")), start=1):
+    kernels = sorted((CSRC / "cuda").glob("*.cu")) + [HERE / "src" / "defects.cu"]
+    for file_id, source in enumerate(kernels, start=1):
         target = out_dir / f"{source.stem}.cu.cpp"
         text = f'#line 1 "{source}"\n' + rewrite(source.read_text(), file_id)
         if not target.exists() or target.read_text() != text:
@@ -160,6 +171,10 @@ def build(verbose: bool = False) -> Path:
 _lib = None
 
 
+def _as_original(original, *args, **kwargs):
+    return original(*args, **kwargs)
+
+
 def define_schemas():
     """The schemas of every fastsearch op the CUDA bindings implement, copied into ``fastsearch_cuda_emu``."""
     global _lib
@@ -175,7 +190,12 @@ def define_schemas():
         if namespace != "fastsearch" or "." in op or op.endswith(("_triton", "_triton_out")):
             continue
         for schema in torch._C._jit_get_schemas_for_operator(name):
-            _lib.define(str(schema).split("::", 1)[1])
+            overload = schema.overload_name or "default"
+            original = getattr(getattr(torch.ops.fastsearch, op), overload)
+            _lib.define(str(schema).split("::", 1)[1], tags=tuple(original.tags))
+            # Under torch.compile the emulated op traces as the original does (its fake implementation).
+            torch.library.register_fake(getattr(getattr(getattr(torch.ops, NAMESPACE), op), overload),
+                                        functools.partial(_as_original, original), lib=_lib)
 
 
 def load():

@@ -150,10 +150,10 @@ std::string describe(const Fiber& fiber) {
 }
 
 std::string where(Site site) {
-  std::string file = site.file ? site.file : "?";
+  std::string file = site.file_name();
   const size_t slash = file.find_last_of('/');
   if (slash != std::string::npos) file = file.substr(slash + 1);
-  return file + ":" + std::to_string(site.line);
+  return file + ":" + std::to_string(site.line());
 }
 
 const char* op_name(WarpOp op) {
@@ -412,7 +412,8 @@ bool settle_block(Launch& launch) {
     return false;
   }
   for (const Fiber& f : launch.fibers) {
-    if (f.site.line != first_waiting->site.line || std::strcmp(f.site.file, first_waiting->site.file) != 0) {
+    if (f.site.line() != first_waiting->site.line() ||
+        std::strcmp(f.site.file_name(), first_waiting->site.file_name()) != 0) {
       fail_launch(launch, "divergent __syncthreads: " + describe(*first_waiting) + " at " +
                               where(first_waiting->site) + ", " + describe(f) + " at " + where(f.site));
       return false;
@@ -498,7 +499,7 @@ bool run_grid(const LaunchConfig& config, void (*body)(void*), void* context) {
       f.place.block_dim = config.block;
       f.place.grid_dim = config.grid;
       f.place.linear = t;
-      f.site = Site{"", 0};
+      f.site = Site{};
       prepare(f, t);
     }
     run_block(launch, mixer, order);

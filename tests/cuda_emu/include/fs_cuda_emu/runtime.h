@@ -28,6 +28,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <source_location>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -70,10 +71,8 @@ namespace fs_emu {
 
 // ---- the scheduler (runtime.cpp) -------------------------------------------------------------------------
 
-struct Site {
-  const char* file;
-  int line;
-};
+// Where a blocking call was made: the caller's file and line (a default argument of every blocking call).
+using Site = std::source_location;
 
 struct LaunchConfig {
   dim3 grid;
@@ -177,7 +176,7 @@ T from_bits(uint64_t bits) {
 
 }  // namespace fs_emu
 
-#define FS_EMU_SITE (::fs_emu::Site{__builtin_FILE(), __builtin_LINE()})
+#define FS_EMU_SITE (::std::source_location::current())
 
 #define threadIdx (::fs_emu::place().thread_idx)
 #define blockIdx (::fs_emu::place().block_idx)
