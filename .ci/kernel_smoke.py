@@ -3,7 +3,8 @@
 Made for ``compute-sanitizer`` (``make gpu-check`` runs it under memcheck, racecheck and synccheck with
 ``--backend cuda``): short, deterministic, and every op's result is compared with the reference so that a
 kernel that runs clean but wrong still fails. ``--backend cpu`` (or ``triton`` with TRITON_INTERPRET=1) runs
-the same calls here, which is how this script is checked without a GPU.
+the same calls here, and ``--backend cuda --cuda-emulation`` runs the CUDA kernels on the host emulation of
+tests/cuda_emu: that is how this script is checked without a GPU (tests/test_gpu_check.py).
 
 Exit status: 0 when every call matches the reference, 1 otherwise (each mismatch printed).
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
@@ -76,7 +78,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", default="cuda", help="the backend whose kernels run (default: cuda)")
     parser.add_argument("--device", default=None, help="default: cuda for cuda/triton with a GPU, else cpu")
+    parser.add_argument("--cuda-emulation", action="store_true",
+                        help="run the cuda backend on CPU tensors through tests/cuda_emu (no GPU needed)")
     args = parser.parse_args(argv)
+    if args.cuda_emulation:
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "cuda_emu"))
+        import emulation
+
+        emulation.load()
     device = args.device or ("cuda" if args.backend in ("cuda", "triton") and torch.cuda.is_available() else "cpu")
     failures = 0
     for name, call in calls(device):
