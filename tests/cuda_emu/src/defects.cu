@@ -9,7 +9,10 @@
 #include <c10/cuda/CUDAException.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <iterator>
 #include <string>
+#include <utility>
 
 namespace fs_emu_defects {
 namespace {
@@ -111,35 +114,27 @@ at::Tensor run(const std::string& name, const at::Tensor& input) {
   at::Tensor out = at::zeros_like(input);
   const float* in = input.const_data_ptr<float>();
   float* o = out.mutable_data_ptr<float>();
-  if (name == "early_exit") {
-    early_exit<<<1, kThreads>>>(in, o, threads);
-  } else if (name == "divergent_barrier") {
-    divergent_barrier<<<1, threads>>>(in, o);
-  } else if (name == "shuffle_outside_mask") {
-    shuffle_outside_mask<<<1, threads>>>(in, o);
-  } else if (name == "divergent_shuffle") {
-    divergent_shuffle<<<1, threads>>>(in, o);
-  } else if (name == "mismatched_masks") {
-    mismatched_masks<<<1, threads>>>(in, o);
-  } else if (name == "warp_sum") {
-    warp_sum<<<1, threads>>>(in, o);
-  } else if (name == "temp_storage_reuse") {
-    temp_storage_reuse<true><<<1, threads>>>(in, o);
-  } else if (name == "temp_storage_reuse_without_barrier") {
-    temp_storage_reuse<false><<<1, threads>>>(in, o);
-  } else if (name == "reduce_result_everywhere") {
-    reduce_result_everywhere<<<1, threads>>>(in, o);
-  } else if (name == "uninitialised_shared") {
-    uninitialised_shared<<<1, threads>>>(in, o);
-  } else if (name == "reverse") {
-    reverse<true><<<1, threads>>>(in, o);
-  } else if (name == "reverse_without_barrier") {
-    reverse<false><<<1, threads>>>(in, o);
-  } else if (name == "wrong_block_size") {
-    wrong_block_size<<<1, threads>>>(in, o);
-  } else {
-    TORCH_CHECK(false, "no kernel named ", name);
-  }
+  using Launch = void (*)(const float*, float*, int);
+  static const std::pair<const char*, Launch> kKernels[] = {
+      {"early_exit", [](const float* i, float* o, int n) { early_exit<<<1, kThreads>>>(i, o, n); }},
+      {"divergent_barrier", [](const float* i, float* o, int n) { divergent_barrier<<<1, n>>>(i, o); }},
+      {"shuffle_outside_mask", [](const float* i, float* o, int n) { shuffle_outside_mask<<<1, n>>>(i, o); }},
+      {"divergent_shuffle", [](const float* i, float* o, int n) { divergent_shuffle<<<1, n>>>(i, o); }},
+      {"mismatched_masks", [](const float* i, float* o, int n) { mismatched_masks<<<1, n>>>(i, o); }},
+      {"warp_sum", [](const float* i, float* o, int n) { warp_sum<<<1, n>>>(i, o); }},
+      {"temp_storage_reuse", [](const float* i, float* o, int n) { temp_storage_reuse<true><<<1, n>>>(i, o); }},
+      {"temp_storage_reuse_without_barrier",
+       [](const float* i, float* o, int n) { temp_storage_reuse<false><<<1, n>>>(i, o); }},
+      {"reduce_result_everywhere", [](const float* i, float* o, int n) { reduce_result_everywhere<<<1, n>>>(i, o); }},
+      {"uninitialised_shared", [](const float* i, float* o, int n) { uninitialised_shared<<<1, n>>>(i, o); }},
+      {"reverse", [](const float* i, float* o, int n) { reverse<true><<<1, n>>>(i, o); }},
+      {"reverse_without_barrier", [](const float* i, float* o, int n) { reverse<false><<<1, n>>>(i, o); }},
+      {"wrong_block_size", [](const float* i, float* o, int n) { wrong_block_size<<<1, n>>>(i, o); }},
+  };
+  const auto found = std::find_if(std::begin(kKernels), std::end(kKernels),
+                                  [&](const auto& entry) { return name == entry.first; });
+  TORCH_CHECK(found != std::end(kKernels), "no kernel named ", name);
+  found->second(in, o, threads);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }

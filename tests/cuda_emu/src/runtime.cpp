@@ -157,25 +157,9 @@ std::string where(Site site) {
 }
 
 const char* op_name(WarpOp op) {
-  switch (op) {
-    case WarpOp::kSync:
-      return "__syncwarp";
-    case WarpOp::kShflIdx:
-      return "__shfl_sync";
-    case WarpOp::kShflUp:
-      return "__shfl_up_sync";
-    case WarpOp::kShflDown:
-      return "__shfl_down_sync";
-    case WarpOp::kShflXor:
-      return "__shfl_xor_sync";
-    case WarpOp::kBallot:
-      return "__ballot_sync";
-    case WarpOp::kAny:
-      return "__any_sync";
-    case WarpOp::kAll:
-      return "__all_sync";
-  }
-  return "?";
+  static const char* const kNames[] = {"__syncwarp",      "__shfl_sync",     "__shfl_up_sync", "__shfl_down_sync",
+                                       "__shfl_xor_sync", "__ballot_sync",   "__any_sync",     "__all_sync"};
+  return kNames[static_cast<int>(op)];
 }
 
 // ---- fibers ------------------------------------------------------------------------------------------------

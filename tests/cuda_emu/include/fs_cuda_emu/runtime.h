@@ -262,22 +262,17 @@ T atomicCAS(T* address, typename ::fs_emu::detail::Identity<T>::type compare,
 
 // ---- loads, bit casts, integer intrinsics ----------------------------------------------------------------
 
-template <typename T>
-T __ldg(const T* address) {
-  return *address;
-}
-template <typename T>
-T __ldcg(const T* address) {
-  return *address;
-}
-template <typename T>
-T __ldca(const T* address) {
-  return *address;
-}
-template <typename T>
-T __ldcs(const T* address) {
-  return *address;
-}
+// Cache-hinted loads and stores: plain accesses here.
+#define FS_EMU_LOAD(name)            \
+  template <typename T>              \
+  T name(const T* address) {         \
+    return *address;                 \
+  }
+FS_EMU_LOAD(__ldg)
+FS_EMU_LOAD(__ldcg)
+FS_EMU_LOAD(__ldca)
+FS_EMU_LOAD(__ldcs)
+#undef FS_EMU_LOAD
 template <typename T>
 void __stcg(T* address, T value) {
   *address = value;
