@@ -3,6 +3,9 @@ defect it claims to catch, that its source rewriting is right, and that the real
 results under every scheduling order it can take."""
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +17,8 @@ pytestmark = pytest.mark.skipif(_backend._cuda_emulation is None,
                                 reason="FASTSEARCH_CUDA_EMU=0: the CUDA emulation is not loaded")
 
 import emulation  # noqa: E402  (tests/cuda_emu, on sys.path once conftest loaded it)
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def run(name: str, threads: int = 64) -> torch.Tensor:
@@ -141,3 +146,13 @@ def test_kernels_agree_under_every_order(monkeypatch):
 def test_emulation_is_the_cuda_backend_on_cpu_tensors():
     assert _backend.resolve("cuda", torch.device("cpu"), "segmented_topk") == "cuda_emulated"
     assert os.path.exists(emulation.BUILD)
+
+
+def test_scoring_kernels_on_an_h100s_grid():
+    """The scoring kernels size their grids by the SM count (cached once per process): the suite runs them with
+    the emulation's 3 SMs; here a fresh process gives them an H100's 132, so that most teams find no work."""
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           "tests/test_score.py", "-k", "cpu-cuda"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "FASTSEARCH_CUDA_EMU_SMS": "132"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert " passed" in done.stdout and "failed" not in done.stdout
