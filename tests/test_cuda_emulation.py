@@ -36,6 +36,11 @@ def run(name: str, threads: int = 64) -> torch.Tensor:
     ("divergent_shuffle", 24, r"__shfl_xor_sync at defects.cu:\d+ .* mask names lane (16|24)"),
     ("mismatched_masks", 64, r"warp collectives disagree: .*__shfl_down_sync \(defects.cu:\d+, mask 4294967295\)"),
     ("wrong_block_size", 32, r"cub::BlockReduce for 64 threads used by a block of 32 at defects.cu:\d+"),
+    ("caller_outside_mask", 64, r"mask of __shfl_sync leaves out the calling lane \d+ at defects.cu:\d+"),
+    ("shuffle_against_barrier", 32,
+     r"deadlock: .* waits at __shfl_sync \(defects.cu:\d+\) while .* waits at __syncthreads \(defects.cu:\d+\)"),
+    ("too_many_threads", 64, r"invalid launch configuration: grid \(1, 1, 1\), block \(2048, 1, 1\)"),
+    ("dynamic_shared_memory", 64, r"the CUDA emulation has no dynamic shared memory"),
 ])
 def test_defect_is_reported(name, threads, message):
     with pytest.raises(RuntimeError, match=message):

@@ -56,6 +56,20 @@ __global__ void mismatched_masks(const float* in, float* out) {
   out[threadIdx.x] = __shfl_down_sync(mask, in[threadIdx.x], 1);
 }
 
+// Every lane calls a shuffle whose mask names lane 0 only.
+__global__ void caller_outside_mask(const float* in, float* out) {
+  out[threadIdx.x] = __shfl_sync(0x1u, in[threadIdx.x], 0);
+}
+
+// Half a warp waits at a shuffle, the other half at __syncthreads: neither can go on.
+__global__ void shuffle_against_barrier(const float* in, float* out) {
+  if (threadIdx.x % 32 < 16) {
+    out[threadIdx.x] = __shfl_sync(0xFFFFFFFFu, in[threadIdx.x], 0);
+  } else {
+    __syncthreads();
+  }
+}
+
 // A correct warp reduction (the twin of the three above): every lane gets the sum of its warp.
 __global__ void warp_sum(const float* in, float* out) {
   float value = in[threadIdx.x];
@@ -122,6 +136,10 @@ at::Tensor run(const std::string& name, const at::Tensor& input) {
       {"divergent_shuffle", [](const float* i, float* o, int n) { divergent_shuffle<<<1, n>>>(i, o); }},
       {"mismatched_masks", [](const float* i, float* o, int n) { mismatched_masks<<<1, n>>>(i, o); }},
       {"warp_sum", [](const float* i, float* o, int n) { warp_sum<<<1, n>>>(i, o); }},
+      {"caller_outside_mask", [](const float* i, float* o, int n) { caller_outside_mask<<<1, n>>>(i, o); }},
+      {"shuffle_against_barrier", [](const float* i, float* o, int n) { shuffle_against_barrier<<<1, n>>>(i, o); }},
+      {"too_many_threads", [](const float* i, float* o, int) { warp_sum<<<1, 2048>>>(i, o); }},
+      {"dynamic_shared_memory", [](const float* i, float* o, int n) { warp_sum<<<1, n, 128>>>(i, o); }},
       {"temp_storage_reuse", [](const float* i, float* o, int n) { temp_storage_reuse<true><<<1, n>>>(i, o); }},
       {"temp_storage_reuse_without_barrier",
        [](const float* i, float* o, int n) { temp_storage_reuse<false><<<1, n>>>(i, o); }},
