@@ -161,3 +161,35 @@ def test_scoring_kernels_on_an_h100s_grid():
                           timeout=600, env={**os.environ, "FASTSEARCH_CUDA_EMU_SMS": "132"})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert " passed" in done.stdout and "failed" not in done.stdout
+
+
+# -- AddressSanitizer: the CUDA kernels never read or write past a tensor ----------------------------------------
+
+def _asan_run(*args: str, timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **emulation.asan_environment()})
+
+
+@pytest.mark.parametrize(("kernel", "report"), [("read_past_end", "READ of size 4"),
+                                                 ("shared_past_end", "WRITE of size 4")])
+def test_out_of_bounds_access_is_reported_under_asan(kernel, report):
+    """The planted reads and writes one past a tensor or a shared array: AddressSanitizer names the access and
+    the kernel (the first run builds build/cuda_emu_asan, which the others reuse)."""
+    code = ("import sys; sys.path.insert(0, 'tests/cuda_emu'); import emulation, torch; emulation.load(); "
+            "x = torch.arange(64.0); print(torch.ops.fs_emu_defects.run('warp_sum', x)[0].item()); "
+            f"torch.ops.fs_emu_defects.run('{kernel}', x)")
+    done = _asan_run("-c", code, timeout=900)
+    assert done.stdout.startswith("496.0"), done.stdout + done.stderr[-3000:]  # a correct kernel runs clean
+    assert done.returncode != 0
+    assert "AddressSanitizer: heap-buffer-overflow" in done.stderr, done.stderr[-3000:]
+    assert report in done.stderr and kernel in done.stderr, done.stderr[-3000:]
+
+
+def test_cuda_cases_run_clean_under_asan():
+    """Every cuda-backend case of the suite (1200, hostile offsets and large groups included) under
+    AddressSanitizer: an access past any tensor aborts the run."""
+    done = _asan_run("-m", "pytest", "-q", "-p", "no:cacheprovider", "tests", "-k", "cpu-cuda", timeout=1800)
+    tail = done.stdout[-3000:] + done.stderr[-5000:]
+    assert done.returncode == 0, tail
+    assert "AddressSanitizer" not in done.stderr, tail
+    assert " passed" in done.stdout and " failed" not in done.stdout, tail

@@ -21,7 +21,13 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 CSRC = ROOT / "csrc"
-BUILD = Path(os.environ.get("FASTSEARCH_CUDA_EMU_BUILD", ROOT / "build" / "cuda_emu"))
+# FASTSEARCH_CUDA_EMU_ASAN=1: an AddressSanitizer build (heap and globals; the fibers' stacks are left
+# uninstrumented, --param=asan-stack=0) for a process started with asan_environment(): a kernel that reads or
+# writes past a tensor's memory is reported and the process aborts (tests/test_cuda_emulation.py runs the
+# cuda-backend cases of the suite that way).
+ASAN = os.environ.get("FASTSEARCH_CUDA_EMU_ASAN") == "1"
+ASAN_FLAGS = ["-fsanitize=address", "-fno-omit-frame-pointer", "--param=asan-stack=0"] if ASAN else []
+BUILD = Path(os.environ.get("FASTSEARCH_CUDA_EMU_BUILD", ROOT / "build" / ("cuda_emu_asan" if ASAN else "cuda_emu")))
 NAMESPACE = "fastsearch_cuda_emu"
 
 _SHARED_LINE = re.compile(r"__shared__\s+(?P<type>[^;{}=]+?)\s+(?P<name>\w+)\s*(?P<dims>(?:\[[^\]]*\]\s*)*);")
@@ -164,11 +170,27 @@ def build(verbose: bool = False) -> Path:
     return Path(cpp_extension.load(
         name="fastsearch_cuda_emu", sources=[str(path) for path in sources()],
         extra_include_paths=[str(HERE / "include"), str(CSRC)],
-        extra_cflags=["-O2", "-fno-strict-aliasing", "-Wno-unknown-pragmas"],
+        extra_cflags=["-O2", "-fno-strict-aliasing", "-Wno-unknown-pragmas", *ASAN_FLAGS],
+        extra_ldflags=ASAN_FLAGS,
         build_directory=str(BUILD), is_python_module=False, verbose=verbose))
 
 
 _lib = None
+
+
+def asan_environment() -> dict[str, str]:
+    """Variables for a Python process that loads the AddressSanitizer build: libasan must come first, and
+    libstdc++ with it (Python does not link it, and ASan's C++ exception interceptor needs it)."""
+    import subprocess
+
+    def library(name: str) -> str:
+        path = subprocess.run(["gcc", f"-print-file-name={name}"], capture_output=True, text=True).stdout.strip()
+        if not os.path.isabs(path):
+            raise RuntimeError(f"gcc does not find {name} (install the compiler's AddressSanitizer runtime)")
+        return path
+
+    return {"FASTSEARCH_CUDA_EMU_ASAN": "1", "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=0",
+            "LD_PRELOAD": f"{library('libasan.so')} {library('libstdc++.so')}"}
 
 
 def _as_original(original, *args, **kwargs):

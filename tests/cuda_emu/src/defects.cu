@@ -121,6 +121,17 @@ __global__ void wrong_block_size(const float* in, float* out) {
   if (threadIdx.x == 0) out[0] = sum;
 }
 
+// Reads one element past the input: only the AddressSanitizer build sees it (emulation.py).
+__global__ void read_past_end(const float* in, float* out) { out[threadIdx.x] = in[threadIdx.x + 1]; }
+
+// Writes one slot past a shared array: only the AddressSanitizer build sees it.
+__global__ void shared_past_end(const float* in, float* out) {
+  __shared__ float tile[kThreads];
+  tile[threadIdx.x + 1] = in[threadIdx.x];
+  __syncthreads();
+  out[threadIdx.x] = tile[threadIdx.x];
+}
+
 at::Tensor run(const std::string& name, const at::Tensor& input) {
   TORCH_CHECK(input.is_cpu() && input.scalar_type() == at::kFloat && input.dim() == 1 && input.is_contiguous(),
               "input must be a contiguous 1-d float32 CPU tensor");
@@ -136,6 +147,8 @@ at::Tensor run(const std::string& name, const at::Tensor& input) {
       {"divergent_shuffle", [](const float* i, float* o, int n) { divergent_shuffle<<<1, n>>>(i, o); }},
       {"mismatched_masks", [](const float* i, float* o, int n) { mismatched_masks<<<1, n>>>(i, o); }},
       {"warp_sum", [](const float* i, float* o, int n) { warp_sum<<<1, n>>>(i, o); }},
+      {"read_past_end", [](const float* i, float* o, int n) { read_past_end<<<1, n>>>(i, o); }},
+      {"shared_past_end", [](const float* i, float* o, int n) { shared_past_end<<<1, n>>>(i, o); }},
       {"caller_outside_mask", [](const float* i, float* o, int n) { caller_outside_mask<<<1, n>>>(i, o); }},
       {"shuffle_against_barrier", [](const float* i, float* o, int n) { shuffle_against_barrier<<<1, n>>>(i, o); }},
       {"too_many_threads", [](const float* i, float* o, int) { warp_sum<<<1, 2048>>>(i, o); }},

@@ -17,8 +17,8 @@
 //
 // What it cannot catch (see tests/cuda_emu/README.md): the memory model (every access is sequentially
 // consistent here, so a missing fence or a race between two accesses with no blocking point between them
-// goes unseen), timing and occupancy, register and shared-memory limits, out-of-bounds accesses that stay
-// inside host memory, the device's own rounding of transcendental functions (host libm here).
+// goes unseen), timing and occupancy, register and shared-memory limits, the device's own rounding of
+// transcendental functions (host libm here). Out-of-bounds accesses: only in the AddressSanitizer build.
 #pragma once
 
 #include <math.h>
@@ -28,6 +28,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <new>
 #include <source_location>
 #include <tuple>
 #include <type_traits>
@@ -147,9 +148,12 @@ void launch(const LaunchConfig& config, void (*kernel)(Params...), Args&&... arg
 
 // The storage of one __shared__ declaration (build.py gives each its own Id). Filled with 0xFF at the
 // first use in each block: shared memory holds no defined value when a block starts.
+// Heap storage of exactly sizeof(T) bytes (never freed), so that an AddressSanitizer build reports an access
+// past the end of a shared array.
 template <typename T, int Id>
 T& shared_var() {
-  alignas(16) static unsigned char storage[sizeof(T)];
+  static unsigned char* const storage =
+      static_cast<unsigned char*>(::operator new(sizeof(T), std::align_val_t{alignof(T) > 16 ? alignof(T) : 16}));
   static uint64_t epoch = 0;
   const uint64_t now = block_epoch();
   if (epoch != now) {
