@@ -16,9 +16,9 @@ from fastsearch import _backend
 pytestmark = pytest.mark.skipif(_backend._cuda_emulation is None,
                                 reason="FASTSEARCH_CUDA_EMU=0: the CUDA emulation is not loaded")
 
-import emulation  # noqa: E402  (tests/cuda_emu, on sys.path once conftest loaded it)
-
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests" / "cuda_emu"))
+import emulation  # noqa: E402  (tests/cuda_emu; importing it loads nothing)
 
 
 def run(name: str, threads: int = 64) -> torch.Tensor:
