@@ -141,6 +141,18 @@ def _count_selectable(scores_ptr, finished_ptr, lengths_ptr, kept_ptr, mask_ptr,
 
 
 @triton.jit
+def _store_padding(values_ptr, indices_ptr, row_start, filled, k, pad, LOG_TILE: tl.constexpr):
+    """Ranks [filled, k) of an output row, past the selectable entries: value ``pad``, index -1."""
+    TILE: tl.constexpr = 2**LOG_TILE
+    lane = tl.arange(0, TILE)
+    for first in range(0, k, TILE):
+        rank = first + lane
+        padding = (rank >= filled) & (rank < k)
+        tl.store(values_ptr + row_start + rank, tl.full([TILE], pad, values_ptr.dtype.element_ty), mask=padding)
+        tl.store(indices_ptr + row_start + rank, tl.full([TILE], -1, tl.int64), mask=padding)
+
+
+@triton.jit
 def _segmented_topk_tiles_kernel(scores_ptr, offsets_ptr, mask_ptr, values_ptr, indices_ptr, group_size, total, k,
                                  RAGGED: tl.constexpr, HAS_MASK: tl.constexpr, LARGEST: tl.constexpr,
                                  LOG_TILE: tl.constexpr):
@@ -165,11 +177,7 @@ def _segmented_topk_tiles_kernel(scores_ptr, offsets_ptr, mask_ptr, values_ptr, 
         tl.store(indices_ptr + row_start + rank, tl.where(chosen, best_local + index_base, -1), mask=rank < k)
         last_key = tl.sum(tl.where(lane == TILE - 1, best_key, 0))
         last_local = tl.sum(tl.where(lane == TILE - 1, best_local, 0))
-    for first in range(0, k, TILE):  # padding past the selectable entries
-        rank = first + lane
-        padding = (rank >= chosen_total) & (rank < k)
-        tl.store(values_ptr + row_start + rank, tl.full([TILE], pad, values_ptr.dtype.element_ty), mask=padding)
-        tl.store(indices_ptr + row_start + rank, tl.full([TILE], -1, tl.int64), mask=padding)
+    _store_padding(values_ptr, indices_ptr, row_start, chosen_total, k, pad, LOG_TILE)
 
 
 @triton.jit
@@ -219,11 +227,7 @@ def _beam_prune_tiles_kernel(scores_ptr, offsets_ptr, finished_ptr, lengths_ptr,
         tl.store(indices_ptr + row_start + rank, tl.where(chosen, best_local + index_base, -1), mask=rank < k)
         last_key = tl.sum(tl.where(lane == TILE - 1, best_key, 0))
         last_local = tl.sum(tl.where(lane == TILE - 1, best_local, 0))
-    for first in range(0, k, TILE):  # padding past the selectable entries
-        rank = first + lane
-        padding = (rank >= count) & (rank < k)
-        tl.store(values_ptr + row_start + rank, tl.full([TILE], float("-inf"), tl.float32), mask=padding)
-        tl.store(indices_ptr + row_start + rank, tl.full([TILE], -1, tl.int64), mask=padding)
+    _store_padding(values_ptr, indices_ptr, row_start, count, k, float("-inf"), LOG_TILE)
     tl.store(counts_ptr + group, count.to(tl.int64))
     tl.debug_barrier()  # the indices are stored before they are read back as parents
     # Survivor j fills slots j, j + count, j + 2 count, ...
